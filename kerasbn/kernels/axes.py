@@ -1,0 +1,32 @@
+"""Axis bookkeeping shared by the kernels.
+
+`feature_axes` is a sorted tuple of non-negative axes that keep their own
+statistics (the channel axis, usually). Per-feature parameters such as gamma have
+the shape of `x` restricted to those axes.
+"""
+
+import tensorflow as tf
+
+
+def reduction_axes(rank, feature_axes):
+    """The axes the statistics are computed over: all but `feature_axes`."""
+    return tuple(axis for axis in range(rank) if axis not in feature_axes)
+
+
+def broadcast_shape(rank, feature_axes, feature_shape):
+    """Shape that broadcasts a per-feature tensor against a rank-`rank` input."""
+    dims = iter(feature_shape)
+    return [next(dims) if axis in feature_axes else 1 for axis in range(rank)]
+
+
+def to_broadcast(param, rank, feature_axes):
+    """Reshapes a per-feature tensor so it broadcasts against the input."""
+    return tf.reshape(param, broadcast_shape(rank, feature_axes, param.shape))
+
+
+def mask_to_broadcast(mask, rank, feature_axes):
+    """Turns a mask without the feature axes into a boolean broadcastable one."""
+    mask = tf.cast(mask, tf.bool)
+    for axis in feature_axes:
+        mask = tf.expand_dims(mask, axis)
+    return mask

@@ -1,0 +1,104 @@
+"""Batch normalisation kernels: the training step and inference."""
+
+import tensorflow as tf
+
+from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
+from kerasbn.kernels.compile import kernel
+from kerasbn.kernels.moments import moments
+from kerasbn.kernels.normalize import normalize_with_batch_statistics
+
+
+def moving_average(moving, batch, momentum, valid):
+    """Keras' rule `moving * momentum + batch * (1 - momentum)` where `valid`.
+
+    Where `valid` is False (no element in the batch, or a non-finite batch
+    statistic) the moving value is kept, so one bad batch cannot poison it.
+    """
+    updated = moving * momentum + batch * (1.0 - momentum)
+    return tf.where(valid, updated, moving)
+
+
+def statistics_are_usable(mean, variance, count):
+    """Per feature: the batch had elements and its statistics are finite."""
+    finite = tf.logical_and(tf.math.is_finite(mean), tf.math.is_finite(variance))
+    return tf.logical_and(finite, count > 0)
+
+
+def batch_moments(x, feature_axes, mask=None):
+    """Moments of a batch for `feature_axes`, with the mask made broadcastable.
+
+    Returns `(mean, variance, count, axes, mask)`; `mask` is None or a boolean
+    tensor broadcastable to `x`. Statistics carry no gradient: the custom
+    gradient of `normalize_with_batch_statistics` accounts for them.
+    """
+    rank = x.shape.rank
+    axes = reduction_axes(rank, feature_axes)
+    if mask is not None:
+        mask = mask_to_broadcast(mask, rank, feature_axes)
+    mean, variance, count = moments(tf.stop_gradient(x), axes, mask)
+    return mean, variance, count, axes, mask
+
+
+def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
+    """gamma and beta shaped to broadcast; ones and zeros when absent."""
+    rank = x.shape.rank
+    shape = [1] * rank
+    for axis, size in zip(feature_axes, feature_shape):
+        shape[axis] = size
+    gamma = tf.ones(shape, x.dtype) if gamma is None else to_broadcast(gamma, rank, feature_axes)
+    beta = tf.zeros(shape, x.dtype) if beta is None else to_broadcast(beta, rank, feature_axes)
+    return gamma, beta
+
+
+@kernel
+def batch_norm_train(
+    x, gamma, beta, moving_mean, moving_variance, mask=None, *, momentum, epsilon, feature_axes
+):
+    """One training step of batch normalisation.
+
+    Args:
+      x: float tensor of rank 2 to 5 (float32 or float64).
+      gamma, beta: per-feature tensors (shape of `x` on `feature_axes`), or None
+        for no scale / no offset.
+      moving_mean, moving_variance: per-feature moving statistics.
+      mask: optional boolean tensor of `x`'s shape without the feature axes.
+      momentum, epsilon: Python floats.
+      feature_axes: sorted tuple of non-negative feature axes.
+
+    Returns:
+      `(y, new_moving_mean, new_moving_variance)`. The moving statistics follow
+      `moving * momentum + batch * (1 - momentum)` with the biased batch variance,
+      and are returned unchanged for a feature whose batch had no element or a
+      non-finite statistic.
+    """
+    mean, variance, count, axes, mask = batch_moments(x, feature_axes, mask)
+    gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, moving_mean.shape)
+    y = normalize_with_batch_statistics(
+        x, gamma_b, beta_b, mean, variance, count, epsilon=epsilon, axes=axes, mask=mask
+    )
+    usable = tf.reshape(
+        tf.broadcast_to(statistics_are_usable(mean, variance, count), tf.shape(mean)),
+        tf.shape(moving_mean),
+    )
+    new_mean = moving_average(moving_mean, tf.reshape(mean, tf.shape(moving_mean)), momentum, usable)
+    new_variance = moving_average(
+        moving_variance, tf.reshape(variance, tf.shape(moving_variance)), momentum, usable
+    )
+    return y, new_mean, new_variance
+
+
+@kernel
+def batch_norm_inference(x, gamma, beta, mean, variance, *, epsilon, feature_axes):
+    """Normalises `x` with given (moving) statistics: one fused pass.
+
+    `y = x * scale + shift` with `scale = γ / sqrt(var + ε)` and
+    `shift = β - mean * scale`, computed per feature first.
+    """
+    rank = x.shape.rank
+    scale = tf.math.rsqrt(variance + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta
+    return x * to_broadcast(scale, rank, feature_axes) + to_broadcast(shift, rank, feature_axes)

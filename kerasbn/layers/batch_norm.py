@@ -1,0 +1,266 @@
+"""`kerasbn.BatchNorm`: a drop-in `keras.layers.BatchNormalization`."""
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from kerasbn import kernels
+from kerasbn.layers import arguments
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalization with XLA-compiled kernels and a hand-derived gradient.
+
+    A drop-in replacement for `keras.layers.BatchNormalization`: same arguments,
+    same weights in the same order (`gamma`, `beta`, `moving_mean`,
+    `moving_variance`), so `ours.set_weights(keras_bn.get_weights())` transfers a
+    trained layer.
+
+    During training (`training=True` and the layer is trainable) it normalizes
+    with the statistics of the current batch,
+    `y = gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta`, and updates the
+    moving statistics once per call with Keras' rule
+    `moving = moving * momentum + batch * (1 - momentum)` (biased batch variance).
+    At inference (`training=False`, or None outside `fit`) it normalizes with the
+    moving statistics and changes nothing.
+
+    About setting `layer.trainable = False`: the layer then runs in inference
+    mode even when called with `training=True` (as Keras' layer does since
+    TF 2.0), so fine-tuning a frozen backbone neither uses batch statistics nor
+    moves the moving statistics.
+
+    Args:
+      axis: int or list of ints, default -1. The feature (channel) axis or axes
+        that keep their own statistics: -1 for channels-last, 1 for
+        channels-first. `ValueError` at build time if out of range, repeated, 0,
+        or of unknown size.
+      momentum: float in [0, 1), default 0.99. Weight of the old value in the
+        moving averages. `ValueError` outside [0, 1).
+      epsilon: float > 0, default 1e-3. Added to the variance. `ValueError` if
+        not positive.
+      center: bool, default True. Add the learned offset `beta`.
+      scale: bool, default True. Multiply by the learned `gamma`.
+      beta_initializer: default "zeros".
+      gamma_initializer: default "ones".
+      moving_mean_initializer: default "zeros".
+      moving_variance_initializer: default "ones".
+      beta_regularizer, gamma_regularizer: default None.
+      beta_constraint, gamma_constraint: default None.
+      synchronized: bool, default False. Cross-replica statistics are not
+        implemented yet: True raises `NotImplementedError`.
+      jit_compile: bool, default True. Run the kernels through XLA. Set False
+        to use plain TensorFlow graphs (serving exports do so automatically).
+      **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
+
+    Call arguments:
+      inputs: tensor of rank 2 to 5 (or any rank >= 2).
+      training: bool or None. None means inference, except inside `fit`.
+      mask: optional boolean tensor with the input's shape without the feature
+        axes (rank one less for a single axis). Masked positions are excluded
+        from the batch statistics (NaN there never leaks into them) but are
+        still normalized. `ValueError` for a mask of the wrong rank or shape.
+
+    Edge cases:
+      - A batch whose statistics are taken over one element per feature (a
+        batch of one dense vector) has zero variance: the output is `beta`,
+        and the moving variance moves toward 0, exactly as in Keras.
+      - An empty batch, or a fully masked one, has no statistics: the output
+        (where there is one) is `beta`, never NaN, and the moving statistics
+        are not updated.
+      - NaN or inf in the (unmasked) input: the output is NaN for the affected
+        features, and their moving statistics keep their previous value rather
+        than becoming NaN. Other features update normally.
+
+    Mixed precision: under `mixed_float16` or `mixed_bfloat16` the statistics,
+    the weights and the arithmetic are float32 and the output has the compute
+    dtype. Inputs are not autocast, so float32 inputs above float16's range
+    normalize correctly instead of overflowing to inf.
+
+    Reference:
+      Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
+      by Reducing Internal Covariate Shift", ICML 2015.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        jit_compile=True,
+        **kwargs,
+    ):
+        # Inputs are upcast by the layer itself: Keras' autocast would turn a
+        # float32 input above 65504 into inf under mixed_float16.
+        kwargs["autocast"] = False
+        super().__init__(**kwargs)
+        self.axis = arguments.check_axis_argument(axis)
+        self.momentum = arguments.check_momentum(momentum)
+        self.epsilon = arguments.check_epsilon(epsilon)
+        self.center = arguments.check_bool(center, "center")
+        self.scale = arguments.check_bool(scale, "scale")
+        self.synchronized = arguments.check_bool(synchronized, "synchronized")
+        if self.synchronized:
+            raise NotImplementedError(
+                "kerasbn.BatchNorm(synchronized=True) is not implemented yet; "
+                "use synchronized=False (per-replica statistics)."
+            )
+        self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.feature_axes = None
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        self.feature_axes = arguments.resolve_axes(self.axis, input_shape)
+        shape = tuple(input_shape[axis] for axis in self.feature_axes)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape,
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=len(input_shape),
+            axes={axis: input_shape[axis] for axis in self.feature_axes},
+        )
+
+    def compute_output_shape(self, input_shape):
+        arguments.resolve_axes(self.axis, tuple(input_shape))
+        return tuple(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    # -- helpers shared with BatchRenorm -------------------------------------
+
+    def _prepare(self, inputs, mask):
+        """Validates the mask and upcasts inputs and weights for the kernels."""
+        if mask is not None:
+            arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), self.feature_axes)
+        dtype = _statistics_dtype(inputs.dtype)
+        x = tf.cast(inputs, dtype)
+        gamma = _read(self.gamma, dtype)
+        beta = _read(self.beta, dtype)
+        return x, gamma, beta
+
+    def _is_training(self, training):
+        return bool(training) and self.trainable
+
+    def _inference(self, x, gamma, beta):
+        mean = _read(self.moving_mean, x.dtype)
+        variance = _read(self.moving_variance, x.dtype)
+        return kernels.batch_norm_inference.get(self.jit_compile)(
+            x, gamma, beta, mean, variance, epsilon=self.epsilon, feature_axes=self.feature_axes
+        )
+
+    def _finish(self, y):
+        return tf.cast(y, self.compute_dtype)
+
+    # -------------------------------------------------------------------------
+
+    def call(self, inputs, training=None, mask=None):
+        x, gamma, beta = self._prepare(inputs, mask)
+        if not self._is_training(training):
+            return self._finish(self._inference(x, gamma, beta))
+        y, new_mean, new_variance = kernels.batch_norm_train.get(self.jit_compile)(
+            x,
+            gamma,
+            beta,
+            _read(self.moving_mean, x.dtype),
+            _read(self.moving_variance, x.dtype),
+            mask,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            feature_axes=self.feature_axes,
+        )
+        self.moving_mean.assign(tf.cast(new_mean, self.moving_mean.dtype))
+        self.moving_variance.assign(tf.cast(new_variance, self.moving_variance.dtype))
+        return self._finish(y)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "axis": self.axis,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+                "moving_variance_initializer": initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "synchronized": self.synchronized,
+                "jit_compile": self.jit_compile,
+            }
+        )
+        return config
+
+
+def _statistics_dtype(dtype):
+    """float64 stays float64; everything else is computed in float32."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def _read(variable, dtype):
+    """The current value of a Keras variable as a tensor of `dtype`, or None."""
+    if variable is None:
+        return None
+    return tf.cast(variable.value, dtype)
