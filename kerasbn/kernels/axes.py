@@ -14,14 +14,20 @@ def reduction_axes(rank, feature_axes):
 
 
 def broadcast_shape(rank, feature_axes, feature_shape):
-    """Shape that broadcasts a per-feature tensor against a rank-`rank` input."""
-    dims = iter(feature_shape)
-    return [next(dims) if axis in feature_axes else 1 for axis in range(rank)]
+    """Shape that broadcasts a per-feature tensor against a rank-`rank` input.
+
+    `feature_shape` may be a static list or a 1-D shape tensor (the kernels are
+    traced with relaxed, possibly unknown, dimensions).
+    """
+    dims = [1] * rank
+    for position, axis in enumerate(feature_axes):
+        dims[axis] = feature_shape[position]
+    return tf.stack(dims) if any(tf.is_tensor(d) for d in dims) else dims
 
 
 def to_broadcast(param, rank, feature_axes):
     """Reshapes a per-feature tensor so it broadcasts against the input."""
-    return tf.reshape(param, broadcast_shape(rank, feature_axes, param.shape))
+    return tf.reshape(param, broadcast_shape(rank, feature_axes, tf.shape(param)))
 
 
 def mask_to_broadcast(mask, rank, feature_axes):

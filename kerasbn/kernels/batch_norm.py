@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
+from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
 from kerasbn.kernels.compile import kernel
 from kerasbn.kernels.moments import moments
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
@@ -40,11 +40,12 @@ def batch_moments(x, feature_axes, mask=None):
 
 
 def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
-    """gamma and beta shaped to broadcast; ones and zeros when absent."""
+    """gamma and beta shaped to broadcast; ones and zeros when absent.
+
+    `feature_shape` (a shape tensor or list) gives the shape of the stand-ins.
+    """
     rank = x.shape.rank
-    shape = [1] * rank
-    for axis, size in zip(feature_axes, feature_shape):
-        shape[axis] = size
+    shape = broadcast_shape(rank, feature_axes, feature_shape)
     gamma = tf.ones(shape, x.dtype) if gamma is None else to_broadcast(gamma, rank, feature_axes)
     beta = tf.zeros(shape, x.dtype) if beta is None else to_broadcast(beta, rank, feature_axes)
     return gamma, beta
@@ -72,7 +73,7 @@ def batch_norm_train(
       non-finite statistic.
     """
     mean, variance, count, axes, mask = batch_moments(x, feature_axes, mask)
-    gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, moving_mean.shape)
+    gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, tf.shape(moving_mean))
     y = normalize_with_batch_statistics(
         x, gamma_b, beta_b, mean, variance, count, epsilon=epsilon, axes=axes, mask=mask
     )

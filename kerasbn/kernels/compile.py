@@ -31,17 +31,42 @@ def jit_disabled():
         _state.jit_disabled = previous
 
 
-class Kernel:
-    """A pure function compiled twice: with XLA (`.xla`) and without (`.plain`).
+class _PerRank:
+    """One `tf.function` per rank of the first argument.
 
-    Both are traced with `reduce_retracing=True`, so a new batch size traces at
-    most once more (with an unknown batch dimension) instead of once per size.
+    `reduce_retracing=True` lets a new batch size trace at most once more (with
+    an unknown batch dimension) instead of once per size; but fed two ranks it
+    would relax the input to an unknown rank, which the kernels cannot reduce
+    over. Keeping one function per rank keeps the rank static.
     """
+
+    def __init__(self, fn, jit_compile):
+        self._fn = fn
+        self._jit_compile = jit_compile
+        self._functions = {}
+
+    def function_for_rank(self, rank):
+        if rank not in self._functions:
+            self._functions[rank] = tf.function(
+                self._fn, jit_compile=self._jit_compile, reduce_retracing=True
+            )
+        return self._functions[rank]
+
+    def __call__(self, x, *args, **kwargs):
+        return self.function_for_rank(len(x.shape))(x, *args, **kwargs)
+
+    def experimental_get_tracing_count(self):
+        """Traces so far, over all ranks."""
+        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+
+
+class Kernel:
+    """A pure function compiled twice: with XLA (`.xla`) and without (`.plain`)."""
 
     def __init__(self, fn):
         self.fn = fn
-        self.xla = tf.function(fn, jit_compile=True, reduce_retracing=True)
-        self.plain = tf.function(fn, jit_compile=False, reduce_retracing=True)
+        self.xla = _PerRank(fn, jit_compile=True)
+        self.plain = _PerRank(fn, jit_compile=False)
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
