@@ -263,4 +263,7 @@ def _read(variable, dtype):
     """The current value of a Keras variable as a tensor of `dtype`, or None."""
     if variable is None:
         return None
-    return tf.cast(variable.value, dtype)
+    # A read, not the variable: a tf.Variable passed into a kernel becomes a
+    # VariableSpec argument, and relaxed VariableSpecs make TF reuse a trace
+    # built for another layer's shapes.
+    return tf.cast(tf.convert_to_tensor(variable.value), dtype)
