@@ -9,10 +9,11 @@ dy and x):
     dβ = S1
     dγ = r S2 + d S1
     dx = γ r / sqrt(σ²_B + ε) · (dy - S1/N - x̂ S2/N)
-With a mask w (1 where a position counts), the statistics only see unmasked
-positions, so the two mean terms are taken over them and only they receive them:
-    dx = γ r / sqrt(σ²_B + ε) · (dy - w (S1w/N + x̂ S2w/N)),  S·w = Σ w (·)
-while dβ and dγ still sum over every position (every output depends on β, γ).
+With a mask w (1 where a position counts, N = Σ w), the statistics only see
+unmasked positions, so only they receive the terms through μ_B and σ_B; but every
+output, masked or not, depends on μ_B and σ_B, so S1 and S2 still sum over all
+positions:
+    dx = γ r / sqrt(σ²_B + ε) · (dy - w (S1/N + x̂ S2/N))
 
 A feature with no element (empty or fully masked batch) has its inverse standard
 deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
@@ -61,16 +62,11 @@ def normalize_with_batch_statistics(
             x_hat = (x - mean) * inv_std
             sum_dy = sum_over(dy)
             sum_dy_xhat = sum_over(dy * x_hat)
+            statistics_term = sum_dy / divisor + x_hat * (sum_dy_xhat / divisor)
             if mask is None:
-                mean_dy = sum_dy / divisor
-                mean_dy_xhat = sum_dy_xhat / divisor
-                centred = dy - mean_dy - x_hat * mean_dy_xhat
+                centred = dy - statistics_term
             else:
-                zeros = tf.zeros_like(dy)
-                masked_dy = tf.where(mask, dy, zeros)
-                mean_dy = sum_over(masked_dy) / divisor
-                mean_dy_xhat = sum_over(masked_dy * x_hat) / divisor
-                centred = dy - tf.where(mask, mean_dy + x_hat * mean_dy_xhat, zeros)
+                centred = dy - tf.where(mask, statistics_term, tf.zeros_like(dy))
             scale = gamma * inv_std if r is None else gamma * r * inv_std
             dx = scale * centred
             dgamma = sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy
