@@ -17,13 +17,29 @@ positions:
 
 A feature with no element (empty or fully masked batch) has its inverse standard
 deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
+
+With statistics synchronised across replicas, N, S1 and S2 in dx are global: an
+`all_reduce` callable sums (S1, S2) over replicas, while dβ and dγ stay local
+(the distribution strategy sums the weight gradients itself).
 """
 
 import tensorflow as tf
 
 
 def normalize_with_batch_statistics(
-    x, gamma, beta, mean, variance, count, *, epsilon, axes, mask=None, r=None, d=None
+    x,
+    gamma,
+    beta,
+    mean,
+    variance,
+    count,
+    *,
+    epsilon,
+    axes,
+    mask=None,
+    r=None,
+    d=None,
+    all_reduce=None,
 ):
     """Returns `γ (r x̂ + d) + β` with a custom gradient.
 
@@ -36,6 +52,8 @@ def normalize_with_batch_statistics(
       mask: optional boolean tensor broadcastable to `x`.
       r, d: optional broadcastable renormalisation corrections (treated as
         constants).
+      all_reduce: optional callable summing a list of tensors over replicas;
+        given when `count`, `mean` and `variance` are global statistics.
 
     Returns:
       The normalised tensor, same shape and dtype as `x`.
@@ -62,7 +80,10 @@ def normalize_with_batch_statistics(
             x_hat = (x - mean) * inv_std
             sum_dy = sum_over(dy)
             sum_dy_xhat = sum_over(dy * x_hat)
-            statistics_term = sum_dy / divisor + x_hat * (sum_dy_xhat / divisor)
+            global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+            if all_reduce is not None:
+                global_dy, global_dy_xhat = all_reduce([sum_dy, sum_dy_xhat])
+            statistics_term = global_dy / divisor + x_hat * (global_dy_xhat / divisor)
             if mask is None:
                 centred = dy - statistics_term
             else:
