@@ -75,9 +75,12 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, error, fragment):
         kerasbn.BatchNorm(**kwargs)
 
 
-def test_synchronized_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="synchronized=True"):
-        kerasbn.BatchNorm(synchronized=True)
+def test_synchronized_outside_a_strategy_behaves_as_unsynchronized(rng):
+    x = rng.normal(2.0, 3.0, (16, 4)).astype("float32")
+    synced = kerasbn.BatchNorm(synchronized=True)
+    plain = kerasbn.BatchNorm()
+    np.testing.assert_array_equal(synced(x, training=True), plain(x, training=True))
+    np.testing.assert_array_equal(synced.moving_variance.numpy(), plain.moving_variance.numpy())
 
 
 @pytest.mark.parametrize(

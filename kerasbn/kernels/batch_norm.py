@@ -77,15 +77,28 @@ def batch_norm_train(
     y = normalize_with_batch_statistics(
         x, gamma_b, beta_b, mean, variance, count, epsilon=epsilon, axes=axes, mask=mask
     )
-    usable = tf.reshape(
-        tf.broadcast_to(statistics_are_usable(mean, variance, count), tf.shape(mean)),
-        tf.shape(moving_mean),
-    )
-    new_mean = moving_average(moving_mean, tf.reshape(mean, tf.shape(moving_mean)), momentum, usable)
-    new_variance = moving_average(
-        moving_variance, tf.reshape(variance, tf.shape(moving_variance)), momentum, usable
+    new_mean, new_variance = updated_moving_statistics(
+        moving_mean, moving_variance, mean, variance, count, momentum
     )
     return y, new_mean, new_variance
+
+
+def updated_moving_statistics(moving_mean, moving_variance, mean, variance, count, momentum):
+    """Both moving averages after one batch, skipping features without usable statistics.
+
+    `mean`, `variance` and `count` are batch statistics in broadcast shape; the
+    results have the per-feature shape of `moving_mean`.
+    """
+    feature_shape = tf.shape(moving_mean)
+    usable = tf.reshape(
+        tf.broadcast_to(statistics_are_usable(mean, variance, count), tf.shape(mean)),
+        feature_shape,
+    )
+    new_mean = moving_average(moving_mean, tf.reshape(mean, feature_shape), momentum, usable)
+    new_variance = moving_average(
+        moving_variance, tf.reshape(variance, feature_shape), momentum, usable
+    )
+    return new_mean, new_variance
 
 
 @kernel

@@ -1,11 +1,14 @@
 """`kerasbn.BatchNorm`: a drop-in `keras.layers.BatchNormalization`."""
 
+import functools
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kerasbn import kernels
 from kerasbn.layers import arguments
+from kerasbn.layers.replicas import cross_replica_sum
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -47,8 +50,13 @@ class BatchNorm(keras.layers.Layer):
       moving_variance_initializer: default "ones".
       beta_regularizer, gamma_regularizer: default None.
       beta_constraint, gamma_constraint: default None.
-      synchronized: bool, default False. Cross-replica statistics are not
-        implemented yet: True raises `NotImplementedError`.
+      synchronized: bool, default False. Under a `tf.distribute` strategy with
+        several replicas (MirroredStrategy, MultiWorkerMirroredStrategy), use
+        the statistics of the global batch: one all-reduce per call forward and
+        one backward, and identical moving statistics on every replica. Outside
+        a strategy it behaves as False. The synchronized step is traced into the
+        caller's graph rather than one XLA kernel (collectives cannot run inside
+        an XLA cluster on CPU).
       jit_compile: bool, default True. Run the kernels through XLA. Set False
         to use plain TensorFlow graphs (serving exports do so automatically).
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
@@ -111,11 +119,6 @@ class BatchNorm(keras.layers.Layer):
         self.center = arguments.check_bool(center, "center")
         self.scale = arguments.check_bool(scale, "scale")
         self.synchronized = arguments.check_bool(synchronized, "synchronized")
-        if self.synchronized:
-            raise NotImplementedError(
-                "kerasbn.BatchNorm(synchronized=True) is not implemented yet; "
-                "use synchronized=False (per-replica statistics)."
-            )
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
@@ -213,7 +216,13 @@ class BatchNorm(keras.layers.Layer):
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))
-        y, new_mean, new_variance = kernels.batch_norm_train.get(self.jit_compile)(
+        train_step = kernels.batch_norm_train.get(self.jit_compile)
+        all_reduce = cross_replica_sum() if self.synchronized else None
+        if all_reduce is not None:
+            train_step = functools.partial(
+                kernels.synchronized_batch_norm_train, all_reduce=all_reduce
+            )
+        y, new_mean, new_variance = train_step(
             x,
             gamma,
             beta,
