@@ -1,0 +1,45 @@
+"""The README's code examples run and do what the README says."""
+
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import kerasbn
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def block_containing(marker):
+    (block,) = [b for b in python_blocks() if marker in b]
+    return block
+
+
+def test_quickstart_builds_a_model_with_our_layer():
+    namespace = {}
+    exec(block_containing("import kerasbn"), namespace)
+    model = namespace["model"]
+    assert any(isinstance(layer, kerasbn.BatchNorm) for layer in model.layers)
+    assert model.output.shape == (None, 10)
+
+
+def test_conversion_recipe_gives_the_same_model_with_our_layers(rng):
+    namespace = {"keras": keras, "kerasbn": kerasbn}
+    exec(block_containing("def convert(model)"), namespace)
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(3, 3)(inputs)
+    h = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-4)(h)
+    original = keras.Model(inputs, keras.layers.Flatten()(h))
+    x = rng.normal(size=(16, 6, 6, 2)).astype("float32")
+    original(x, training=True)  # move the moving statistics away from their initial values
+    converted = namespace["convert"](original)
+    bn = converted.layers[2]
+    assert isinstance(bn, kerasbn.BatchNorm)
+    assert bn.momentum == 0.9 and bn.epsilon == 1e-4
+    np.testing.assert_allclose(converted(x), original(x), atol=1e-5)
+    np.testing.assert_allclose(converted(x, training=True), original(x, training=True), atol=1e-5)
