@@ -149,3 +149,26 @@ def test_multi_worker_equals_single_device_on_whole_batch(tmp_path):
     }
     assert_matches_single_device(got, single_device_step(x, weight))
     np.testing.assert_array_equal(parts[1]["dgamma"], parts[0]["dgamma"])
+
+
+def test_fit_under_mirrored_strategy_equals_single_device_fit(tmp_path, rng):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import fit_worker
+    finally:
+        sys.path.pop(0)
+    x = rng.normal(1.0, 2.0, (64, 6, 6, 2)).astype("float32")
+    y = rng.normal(size=(64, 2)).astype("float32")
+    single = fit_worker.build_model(lambda: kerasbn.BatchNorm(momentum=0.8))
+    initial = single.get_weights()
+    np.savez(tmp_path / "case.npz", x=x, y=y, **{f"weights_{i}": w for i, w in enumerate(initial)})
+    subprocess.run(
+        [sys.executable, str(WORKER.parent / "fit_worker.py"), str(tmp_path / "case.npz"), str(tmp_path / "out.npz")],
+        check=True,
+        timeout=TIMEOUT,
+    )
+    mirrored = np.load(tmp_path / "out.npz")
+    expected = fit_worker.train(single, x, y)
+    assert not np.allclose(expected[0], initial[0])  # the conv kernel trained
+    for index, want in enumerate(expected):
+        np.testing.assert_allclose(mirrored[f"weights_{index}"], want, rtol=1e-4, atol=1e-5)
