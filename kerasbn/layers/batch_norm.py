@@ -8,6 +8,7 @@ from keras import constraints, initializers, regularizers
 
 from kerasbn import kernels
 from kerasbn.layers import arguments
+from kerasbn.layers.precision import read_variable, statistics_dtype
 from kerasbn.layers.replicas import cross_replica_sum
 
 
@@ -191,18 +192,18 @@ class BatchNorm(keras.layers.Layer):
         """Validates the mask and upcasts inputs and weights for the kernels."""
         if mask is not None:
             arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), self.feature_axes)
-        dtype = _statistics_dtype(inputs.dtype)
+        dtype = statistics_dtype(inputs.dtype)
         x = tf.cast(inputs, dtype)
-        gamma = _read(self.gamma, dtype)
-        beta = _read(self.beta, dtype)
+        gamma = read_variable(self.gamma, dtype)
+        beta = read_variable(self.beta, dtype)
         return x, gamma, beta
 
     def _is_training(self, training):
         return bool(training) and self.trainable
 
     def _inference(self, x, gamma, beta):
-        mean = _read(self.moving_mean, x.dtype)
-        variance = _read(self.moving_variance, x.dtype)
+        mean = read_variable(self.moving_mean, x.dtype)
+        variance = read_variable(self.moving_variance, x.dtype)
         return kernels.batch_norm_inference.get(self.jit_compile)(
             x, gamma, beta, mean, variance, epsilon=self.epsilon, feature_axes=self.feature_axes
         )
@@ -226,8 +227,8 @@ class BatchNorm(keras.layers.Layer):
             x,
             gamma,
             beta,
-            _read(self.moving_mean, x.dtype),
-            _read(self.moving_variance, x.dtype),
+            read_variable(self.moving_mean, x.dtype),
+            read_variable(self.moving_variance, x.dtype),
             mask,
             momentum=self.momentum,
             epsilon=self.epsilon,
@@ -261,18 +262,3 @@ class BatchNorm(keras.layers.Layer):
             }
         )
         return config
-
-
-def _statistics_dtype(dtype):
-    """float64 stays float64; everything else is computed in float32."""
-    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
-
-
-def _read(variable, dtype):
-    """The current value of a Keras variable as a tensor of `dtype`, or None."""
-    if variable is None:
-        return None
-    # A read, not the variable: a tf.Variable passed into a kernel becomes a
-    # VariableSpec argument, and relaxed VariableSpecs make TF reuse a trace
-    # built for another layer's shapes.
-    return tf.cast(tf.convert_to_tensor(variable.value), dtype)
