@@ -7,12 +7,20 @@ weights and the flags and call these kernels.
 
 from kerasbn.kernels.compile import jit_disabled, xla_allowed
 from kerasbn.kernels.batch_norm import batch_norm_inference, batch_norm_train
-from kerasbn.kernels.synchronized import synchronized_batch_norm_train
+from kerasbn.kernels.batch_renorm import batch_renorm_train
+from kerasbn.kernels.group_norm import group_norm
+from kerasbn.kernels.synchronized import (
+    synchronized_batch_norm_train,
+    synchronized_batch_renorm_train,
+)
 
 __all__ = [
     "batch_norm_inference",
     "batch_norm_train",
+    "batch_renorm_train",
+    "group_norm",
     "jit_disabled",
     "synchronized_batch_norm_train",
+    "synchronized_batch_renorm_train",
     "xla_allowed",
 ]

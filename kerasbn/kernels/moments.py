@@ -19,15 +19,17 @@ def element_count(x, axes, mask=None):
     if mask is None:
         dims = tf.gather(tf.shape(x), list(axes))
         return tf.cast(tf.reduce_prod(dims), x.dtype)
-    ones = tf.cast(tf.broadcast_to(mask, _mask_shape(x, mask)), x.dtype)
+    ones = tf.cast(tf.broadcast_to(mask, _mask_shape(x, mask, axes)), x.dtype)
     return tf.reduce_sum(ones, axis=axes, keepdims=True)
 
 
-def _mask_shape(x, mask):
-    # The mask has size 1 on the feature axes; broadcast it over the rest only.
-    x_shape = tf.shape(x)
-    mask_shape = tf.shape(mask)
-    return tf.where(mask_shape == 1, mask_shape, x_shape)
+def _mask_shape(x, mask, axes):
+    # Every reduced axis counts at x's size (a mask of size 1 there stands for
+    # all of it: group norm's channels within a group); kept axes stay as in
+    # the mask, so no work is spent broadcasting over the features.
+    rank = x.shape.rank
+    reduced = tf.constant([axis in axes for axis in range(rank)])
+    return tf.where(reduced, tf.shape(x), tf.shape(mask))
 
 
 def moments(x, axes, mask=None):

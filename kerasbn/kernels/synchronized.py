@@ -26,6 +26,7 @@ caller's graph rather than compiled as one kernel.
 import tensorflow as tf
 
 from kerasbn.kernels.batch_norm import affine_parameters, batch_moments, updated_moving_statistics
+from kerasbn.kernels.batch_renorm import batch_renorm_step
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
 
@@ -98,3 +99,45 @@ def synchronized_batch_norm_train(
         moving_mean, moving_variance, mean, variance, count, momentum
     )
     return y, new_mean, new_variance
+
+
+def synchronized_batch_renorm_train(
+    x,
+    gamma,
+    beta,
+    state,
+    mask,
+    r_max,
+    d_max,
+    *,
+    all_reduce,
+    momentum,
+    renorm_momentum,
+    epsilon,
+    feature_axes,
+):
+    """`batch_renorm_train` with the statistics of the global batch.
+
+    Same arguments and results as `kernels.batch_renorm.batch_renorm_train`,
+    plus `all_reduce`. The corrections r and d are computed from the global
+    statistics, so every replica applies the same ones.
+    """
+
+    def combine(mean, variance, count):
+        return combine_moments(mean, variance, count, state["moving_mean"], all_reduce)
+
+    return batch_renorm_step(
+        x,
+        gamma,
+        beta,
+        state,
+        mask,
+        r_max,
+        d_max,
+        momentum=momentum,
+        renorm_momentum=renorm_momentum,
+        epsilon=epsilon,
+        feature_axes=feature_axes,
+        combine=combine,
+        all_reduce=all_reduce,
+    )

@@ -1,5 +1,7 @@
 """Keras layers: weights, flags and configuration around `kerasbn.kernels`."""
 
 from kerasbn.layers.batch_norm import BatchNorm
+from kerasbn.layers.batch_renorm import BatchRenorm
+from kerasbn.layers.group_norm import GroupNorm
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm"]
