@@ -162,3 +162,20 @@ def test_bad_arguments_are_named(rng):
         kerasbn.recalibrate(branching_model(), iter([]), verbose=0)
     with pytest.raises(ValueError, match="infinite"):
         kerasbn.recalibrate(branching_model(), tf.data.Dataset.from_tensors(x).repeat())
+
+
+def test_batch_renorm_layers_get_exact_statistics_in_every_moving_variable(rng):
+    inputs = keras.Input((4,))
+    a = kerasbn.BatchRenorm(name="ours")(keras.layers.Dense(3)(inputs))
+    b = keras.layers.BatchNormalization(renorm=True, name="theirs")(keras.layers.Dense(2)(a))
+    model = keras.Model(inputs, b)
+    x = rng.normal(1.0, 2.0, (60, 4)).astype("float32")
+    kerasbn.recalibrate(model, x, batch_size=16, verbose=0)
+    for name in ("ours", "theirs"):
+        assert_exact(model, name, x)
+        layer = model.get_layer(name)
+        h = layer_inputs(model, name, x)
+        stddev = np.sqrt(h.var(axis=0) + layer.epsilon)
+        np.testing.assert_allclose(layer.moving_stddev.numpy(), stddev, rtol=1e-5)
+        np.testing.assert_allclose(layer.renorm_stddev.numpy(), stddev, rtol=1e-5)
+        np.testing.assert_allclose(layer.renorm_mean.numpy(), h.mean(axis=0), rtol=1e-5, atol=1e-6)

@@ -56,9 +56,9 @@ def single_device_step(x, weight, mask=None, layer_class=kerasbn.BatchNorm):
     }
 
 
-def run_mirrored(tmp_path, x, splits, mask=None):
+def run_mirrored(tmp_path, x, splits, mask=None, layer="BatchNorm"):
     case = tmp_path / "case.npz"
-    weight = write_case(case, x, splits, mask)
+    weight = write_case(case, x, splits, mask, layer=layer)
     out = tmp_path / "out.npz"
     subprocess.run(
         [sys.executable, str(WORKER), str(case), str(out)], check=True, timeout=TIMEOUT
@@ -94,6 +94,16 @@ def test_mirrored_masked_counts_differ_between_replicas(tmp_path):
     mask[:4, 3:] = False  # the first replica sees far fewer positions
     got, weight = run_mirrored(tmp_path, x, splits=[4, 4], mask=mask)
     assert_matches_single_device(got, single_device_step(x, weight, mask=mask))
+
+
+def test_mirrored_batch_renorm_equals_single_device_on_whole_batch(tmp_path):
+    # Data far from the initial renorm statistics: r and d are active (d clipped).
+    rng = np.random.default_rng(4)
+    x = rng.normal(7.0, 2.0, (12, 3, 2)).astype("float32")
+    mask = rng.random((12, 3)) > 0.2
+    got, weight = run_mirrored(tmp_path, x, splits=[5, 7], mask=mask, layer="BatchRenorm")
+    expected = single_device_step(x, weight, mask=mask, layer_class=kerasbn.BatchRenorm)
+    assert_matches_single_device(got, expected)
 
 
 def test_mirrored_statistics_stay_stable_at_large_mean(tmp_path):
