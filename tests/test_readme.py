@@ -43,3 +43,12 @@ def test_conversion_recipe_gives_the_same_model_with_our_layers(rng):
     assert bn.momentum == 0.9 and bn.epsilon == 1e-4
     np.testing.assert_allclose(converted(x), original(x), atol=1e-5)
     np.testing.assert_allclose(converted(x, training=True), original(x, training=True), atol=1e-5)
+
+
+def test_renorm_schedule_example_gives_the_papers_schedule():
+    namespace = {"keras": keras, "kerasbn": kerasbn}
+    exec(block_containing("paper_renorm_clipping()"), namespace)
+    layer = namespace["layer"]
+    assert isinstance(layer, kerasbn.BatchRenorm)
+    assert [float(layer.r_max(s)) for s in (5000, 40000)] == [1.0, 3.0]
+    assert [float(layer.d_max(s)) for s in (5000, 25000)] == [0.0, 5.0]
