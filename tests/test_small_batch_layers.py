@@ -115,3 +115,18 @@ def test_group_norm_reference_sanity():
     y = group_norm_reference(x, np.ones(4), np.zeros(4), 1, 0.0, -1)
     np.testing.assert_allclose(y.mean(), 0.0, atol=1e-12)
     np.testing.assert_allclose(y.std(), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_float16_inputs_whose_squares_overflow_float16_stay_finite(rng, name):
+    # Values near 300 are fine in float16, but their squares (9e4) are not: a
+    # float16 variance would be inf and the output NaN.
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = LAYERS[name]()
+    x16 = rng.normal(300.0, 50.0, (4, 6, 4)).astype("float16")
+    y = layer(x16, training=True).numpy().astype("float32")
+    assert np.all(np.isfinite(y))
+    keras.config.set_dtype_policy("float32")
+    reference = LAYERS[name]()
+    expected = reference(x16.astype("float32"), training=True).numpy()
+    np.testing.assert_allclose(y, expected, rtol=5e-3, atol=5e-3)
