@@ -80,11 +80,30 @@ def batch_renorm_step(
     combine=None,
     all_reduce=None,
 ):
-    """One training step; see `batch_renorm_train`.
+    """One training step of batch renormalisation.
 
-    `combine(mean, variance, count)`, if given, turns local moments into the
-    global batch's (synchronized training) and `all_reduce` sums the backward
-    pass's per-feature sums over replicas.
+    Compiled as the kernel `batch_renorm_train` (without `combine` and
+    `all_reduce`).
+
+    Args:
+      x: float tensor of rank 2 or more (float32 or float64).
+      gamma, beta: per-feature tensors, or None for no scale / no offset.
+      state: dict of per-feature tensors `moving_mean`, `moving_variance`,
+        `moving_stddev`, `renorm_mean`, `renorm_stddev`.
+      mask: optional boolean tensor of `x`'s shape without the feature axes.
+      r_max, d_max: scalar tensors, r_max >= 1 and d_max >= 0.
+      momentum, renorm_momentum, epsilon: Python floats.
+      feature_axes: sorted tuple of non-negative feature axes.
+      combine: optional `combine(mean, variance, count)` turning local moments
+        into the global batch's (synchronized training).
+      all_reduce: optional callable summing the backward pass's per-feature
+        sums over replicas.
+
+    Returns:
+      `(y, new_state)`: the output, and a dict of the new `moving_mean`,
+      `moving_variance`, `moving_stddev`, `renorm_mean`, `renorm_stddev`
+      (unchanged for a feature whose batch had no element or a non-finite
+      statistic).
     """
     mean, variance, count, axes, mask = batch_moments(x, feature_axes, mask)
     if combine is not None:
@@ -135,49 +154,4 @@ def batch_renorm_step(
     return y, new_state
 
 
-@kernel
-def batch_renorm_train(
-    x,
-    gamma,
-    beta,
-    state,
-    mask,
-    r_max,
-    d_max,
-    *,
-    momentum,
-    renorm_momentum,
-    epsilon,
-    feature_axes,
-):
-    """One training step of batch renormalisation.
-
-    Args:
-      x: float tensor of rank 2 or more (float32 or float64).
-      gamma, beta: per-feature tensors, or None for no scale / no offset.
-      state: dict of per-feature tensors `moving_mean`, `moving_variance`,
-        `moving_stddev`, `renorm_mean`, `renorm_stddev`.
-      mask: optional boolean tensor of `x`'s shape without the feature axes.
-      r_max, d_max: scalar tensors, r_max >= 1 and d_max >= 0.
-      momentum, renorm_momentum, epsilon: Python floats.
-      feature_axes: sorted tuple of non-negative feature axes.
-
-    Returns:
-      `(y, new_state)`: the output, and a dict of the new `moving_mean`,
-      `moving_variance`, `moving_stddev`, `renorm_mean`, `renorm_stddev`
-      (unchanged for a feature whose batch had no element or a non-finite
-      statistic).
-    """
-    return batch_renorm_step(
-        x,
-        gamma,
-        beta,
-        state,
-        mask,
-        r_max,
-        d_max,
-        momentum=momentum,
-        renorm_momentum=renorm_momentum,
-        epsilon=epsilon,
-        feature_axes=feature_axes,
-    )
+batch_renorm_train = kernel(batch_renorm_step)

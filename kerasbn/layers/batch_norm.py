@@ -4,12 +4,18 @@ import functools
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import initializers
 
 from kerasbn import kernels
 from kerasbn.layers import arguments
 from kerasbn.layers.precision import read_variable, statistics_dtype
 from kerasbn.layers.replicas import cross_replica_sum
+from kerasbn.layers.weights import (
+    add_affine_weights,
+    add_statistic_weight,
+    affine_config,
+    set_affine_arguments,
+)
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -117,21 +123,22 @@ class BatchNorm(keras.layers.Layer):
         self.axis = arguments.check_axis_argument(axis)
         self.momentum = arguments.check_momentum(momentum)
         self.epsilon = arguments.check_epsilon(epsilon)
-        self.center = arguments.check_bool(center, "center")
-        self.scale = arguments.check_bool(scale, "scale")
         self.synchronized = arguments.check_bool(synchronized, "synchronized")
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        set_affine_arguments(
+            self,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
-        self.gamma = None
-        self.beta = None
         self.moving_mean = None
         self.moving_variance = None
         self.feature_axes = None
@@ -140,39 +147,10 @@ class BatchNorm(keras.layers.Layer):
         input_shape = tuple(input_shape)
         self.feature_axes = arguments.resolve_axes(self.axis, input_shape)
         shape = tuple(input_shape[axis] for axis in self.feature_axes)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
+        add_affine_weights(self, shape)
+        add_statistic_weight(self, "moving_mean", shape, self.moving_mean_initializer)
+        add_statistic_weight(
+            self, "moving_variance", shape, self.moving_variance_initializer
         )
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape),
@@ -245,18 +223,11 @@ class BatchNorm(keras.layers.Layer):
                 "axis": self.axis,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": initializers.serialize(self.beta_initializer),
-                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                **affine_config(self),
                 "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
                 "moving_variance_initializer": initializers.serialize(
                     self.moving_variance_initializer
                 ),
-                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-                "beta_constraint": constraints.serialize(self.beta_constraint),
-                "gamma_constraint": constraints.serialize(self.gamma_constraint),
                 "synchronized": self.synchronized,
                 "jit_compile": self.jit_compile,
             }

@@ -8,6 +8,7 @@ from kerasbn.layers import arguments
 from kerasbn.layers.batch_norm import BatchNorm
 from kerasbn.layers.precision import read_variable
 from kerasbn.layers.replicas import cross_replica_sum
+from kerasbn.layers.weights import add_statistic_weight
 
 _STATE = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
@@ -92,35 +93,10 @@ class BatchRenorm(BatchNorm):
         def stddev_initializer(shape, dtype=None):
             return tf.sqrt(self.moving_variance_initializer(shape, dtype=dtype))
 
-        self.moving_stddev = self.add_weight(
-            shape=shape,
-            name="moving_stddev",
-            initializer=stddev_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.renorm_mean = self.add_weight(
-            shape=shape,
-            name="renorm_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.renorm_stddev = self.add_weight(
-            shape=shape,
-            name="renorm_stddev",
-            initializer=stddev_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.step = self.add_weight(
-            shape=(),
-            name="step",
-            initializer="zeros",
-            dtype="int64",
-            trainable=False,
-            autocast=False,
-        )
+        add_statistic_weight(self, "moving_stddev", shape, stddev_initializer)
+        add_statistic_weight(self, "renorm_mean", shape, self.moving_mean_initializer)
+        add_statistic_weight(self, "renorm_stddev", shape, stddev_initializer)
+        add_statistic_weight(self, "step", (), "zeros", dtype="int64")
 
     def set_weights(self, weights):
         """Sets the weights; also accepts Keras' renorm layer's list (without `step`)."""

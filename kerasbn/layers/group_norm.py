@@ -4,11 +4,11 @@ import numbers
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from kerasbn import kernels
 from kerasbn.layers import arguments
 from kerasbn.layers.precision import read_variable, statistics_dtype
+from kerasbn.layers.weights import add_affine_weights, affine_config, set_affine_arguments
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -91,18 +91,19 @@ class GroupNorm(keras.layers.Layer):
         self.groups = int(groups)
         self.axis = int(axis)
         self.epsilon = arguments.check_epsilon(epsilon)
-        self.center = arguments.check_bool(center, "center")
-        self.scale = arguments.check_bool(scale, "scale")
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        set_affine_arguments(
+            self,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         self.supports_masking = True
-        self.gamma = None
-        self.beta = None
         self.channel_axis = None
         self.group_count = None
 
@@ -116,24 +117,7 @@ class GroupNorm(keras.layers.Layer):
         (self.channel_axis,) = arguments.resolve_axes(self.axis, input_shape)
         channels = input_shape[self.channel_axis]
         self.group_count = resolve_groups(self.groups, channels)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=(channels,),
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=(channels,),
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                autocast=False,
-            )
+        add_affine_weights(self, (channels,))
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape), axes={self.channel_axis: channels}
         )
@@ -167,14 +151,7 @@ class GroupNorm(keras.layers.Layer):
                 "groups": self.groups,
                 "axis": self.axis,
                 "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": initializers.serialize(self.beta_initializer),
-                "gamma_initializer": initializers.serialize(self.gamma_initializer),
-                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-                "beta_constraint": constraints.serialize(self.beta_constraint),
-                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                **affine_config(self),
                 "jit_compile": self.jit_compile,
             }
         )
