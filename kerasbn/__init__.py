@@ -1,11 +1,13 @@
 """kerasbn: normalization layers for Keras 3 on TensorFlow.
 
+Correct, XLA-compiled, and exportable to TF Serving.
 """
 
 from kerasbn.backend_check import require_tensorflow_backend
 
 require_tensorflow_backend()
 
+from kerasbn.export import export_for_serving  # noqa: E402
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm  # noqa: E402
 from kerasbn.recalibration import LayerReport, recalibrate  # noqa: E402
 from kerasbn.schedules import LinearRamp, paper_renorm_clipping  # noqa: E402
@@ -19,6 +21,7 @@ __all__ = [
     "LayerReport",
     "LinearRamp",
     "__version__",
+    "export_for_serving",
     "paper_renorm_clipping",
     "recalibrate",
 ]

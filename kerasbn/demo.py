@@ -2,11 +2,14 @@
 
 Run with `python -m kerasbn.demo [--epochs N] [--export-dir DIR]`. It trains on
 scikit-learn's bundled 8x8 digits (nothing is downloaded), prints test
-accuracy, and compares one layer's learned moving statistics with the true
-population statistics of that layer's inputs over the training set.
+accuracy, compares one layer's learned moving statistics with the true
+population statistics of that layer's inputs over the training set, and
+exports the model for TF Serving to `--export-dir` (default
+`saved_models/digits/1`, i.e. version 1 of the model `digits`; '' skips it).
 """
 
 import argparse
+import json
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -75,6 +78,37 @@ def print_statistics(layer, true_mean, true_var, channels=6):
     )
 
 
+def serving_instructions(path, example):
+    """How to serve the SavedModel at `path` (`base/<version>`) and query it."""
+    base = os.path.dirname(path)
+    name = os.path.basename(base) or "model"
+    instances = json.dumps({"instances": example.tolist()}, separators=(",", ":"))
+    return "\n".join(
+        [
+            f"Serve it with TF Serving (it loads the newest numbered version in {base}):",
+            f'  docker run -p 8501:8501 -v "{base}:/models/{name}" -e MODEL_NAME={name} '
+            "tensorflow/serving",
+            "and ask for predictions (one 8x8x1 image per instance):",
+            f"  curl -d '{instances}' localhost:8501/v1/models/{name}:predict",
+            "Inspect its signature with:",
+            f"  saved_model_cli show --dir {path} --tag_set serve --signature_def serving_default",
+        ]
+    )
+
+
+def export(model, export_dir, example):
+    """Exports `model` for serving to `export_dir` (replacing it); '' skips.
+
+    Returns the absolute path written, or None when skipped.
+    """
+    if not export_dir:
+        return None
+    path = kerasbn.export_for_serving(model, export_dir, overwrite=True)
+    print(f"\nexported the serving SavedModel (batch norms folded) to {path}")
+    print(serving_instructions(path, np.round(np.asarray(example, "float64"), 4)))
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
@@ -110,6 +144,7 @@ def main(argv=None):
 
     true_mean, true_var = population_statistics(model, "bn2", x_train)
     print_statistics(model.get_layer("bn2"), true_mean, true_var)
+    export(model, args.export_dir, x_test[:1])
     return model, accuracy
 
 
