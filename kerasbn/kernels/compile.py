@@ -5,12 +5,27 @@ graph `tf.function`. The plain one is used when the layer was built with
 `jit_compile=False` and inside `jit_disabled()`, which the serving exporter enters
 while it traces a model: stock TF Serving runs without XLA JIT and refuses
 functions marked `_XlaMustCompile`.
+
+Forward and backward are compiled as two programs. Differentiating a call of a
+`tf.function` the usual way makes TensorFlow add every tensor the backward needs
+to the forward function's outputs, the input `x` included; an XLA program cannot
+return its own parameter without copying it, so each training step paid two
+full copies of `x` (time, and memory the size of the input twice). Instead, when
+a gradient tape is recording, a kernel call is wrapped in a `tf.custom_gradient`
+at the caller's level: the forward program is called on gradient-stopped inputs
+(so the tape records nothing inside it) and returns, besides its outputs, the
+small intermediates marked with `residual()` (the batch statistics); the
+backward program re-traces the kernel under a tape with those residuals fed
+back in, so the statistics are not recomputed (XLA drops the dead forward
+work), and takes `x` from the caller. Inside an outer XLA-compiled step both
+programs are inlined into one and fused as before.
 """
 
 import contextlib
 import threading
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 _state = threading.local()
 
@@ -31,8 +46,55 @@ def jit_disabled():
         _state.jit_disabled = previous
 
 
+# -- residuals ------------------------------------------------------------------
+
+
+class _Residuals:
+    """Records (forward) or replays (backward) the tensors passed to `residual`."""
+
+    def __init__(self, saved=None):
+        self.saved = saved
+        self.recorded = []
+
+    def take(self, tensor):
+        if self.saved is None:
+            self.recorded.append(tensor)
+            return tensor
+        position = len(self.recorded)
+        self.recorded.append(tensor)
+        value = self.saved[position]
+        if value.dtype != tensor.dtype or value.shape.rank != tensor.shape.rank:
+            raise ValueError("residuals replayed out of order")
+        return value
+
+
+@contextlib.contextmanager
+def _residual_scope(saved=None):
+    previous = getattr(_state, "residuals", None)
+    scope = _Residuals(saved)
+    _state.residuals = scope
+    try:
+        yield scope
+    finally:
+        _state.residuals = previous
+
+
+def residual(tensor):
+    """Marks an intermediate the backward program receives instead of recomputing.
+
+    Only for values that carry no gradient (statistics under `stop_gradient`)
+    and are small: they become extra outputs of the forward program. Outside a
+    kernel this is the identity.
+    """
+    scope = getattr(_state, "residuals", None)
+    return tensor if scope is None else scope.take(tensor)
+
+
+# -- compiled functions ------------------------------------------------------------
+
+
 class _PerRank:
-    """One `tf.function` per rank of the first argument.
+    """One `tf.function` per rank of the input `x`.
 
     `reduce_retracing=True` lets a new batch size trace at most once more (with
     an unknown batch dimension) instead of once per size; but fed two ranks it
@@ -40,9 +102,10 @@ class _PerRank:
     over. Keeping one function per rank keeps the rank static.
     """
 
-    def __init__(self, fn, jit_compile):
+    def __init__(self, fn, jit_compile, rank_of):
         self._fn = fn
         self._jit_compile = jit_compile
+        self._rank_of = rank_of
         self._functions = {}
 
     def function_for_rank(self, rank):
@@ -52,12 +115,97 @@ class _PerRank:
             )
         return self._functions[rank]
 
-    def __call__(self, x, *args, **kwargs):
-        return self.function_for_rank(len(x.shape))(x, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return self.function_for_rank(self._rank_of(*args, **kwargs))(*args, **kwargs)
 
     def experimental_get_tracing_count(self):
         """Traces so far, over all ranks."""
         return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+
+
+def _differentiable(value):
+    return tf.is_tensor(value) and value.dtype.is_floating
+
+
+def _forward_program(fn):
+    def forward(*args, **kwargs):
+        with _residual_scope() as scope:
+            outputs = fn(*args, **kwargs)
+        return outputs, list(scope.recorded)
+
+    forward.__name__ = f"forward_{fn.__name__}"
+    return forward
+
+
+def _backward_program(fn):
+    def backward(args, kwargs, residuals, upstream):
+        sources = [v for v in tf.nest.flatten((args, kwargs)) if _differentiable(v)]
+        with _residual_scope(residuals):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(sources)
+                outputs = fn(*args, **kwargs)
+        return tape.gradient(tf.nest.flatten(outputs), sources, output_gradients=upstream)
+
+    backward.__name__ = f"backward_{fn.__name__}"
+    return backward
+
+
+class Compiled:
+    """A kernel compiled one way (XLA or plain): call it like the function."""
+
+    def __init__(self, fn, jit_compile):
+        self._forward = _PerRank(
+            _forward_program(fn), jit_compile, lambda x, *args, **kwargs: len(x.shape)
+        )
+        self._backward = _PerRank(
+            _backward_program(fn), jit_compile, lambda args, *rest: len(args[0].shape)
+        )
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = tf.nest.map_structure(
+            lambda v: tf.convert_to_tensor(v) if isinstance(v, tf.Variable) else v,
+            (args, kwargs),
+        )
+        flat = tf.nest.flatten((args, kwargs))
+        positions = [i for i, value in enumerate(flat) if _differentiable(value)]
+        sources = [flat[i] for i in positions]
+        if not sources or not record.should_record_backprop(sources):
+            outputs, _ = self._forward(*args, **kwargs)
+            return outputs
+        return self._call_recorded(args, kwargs, flat, positions, sources)
+
+    def _call_recorded(self, args, kwargs, flat, positions, sources):
+        @tf.custom_gradient
+        def run(*sources):
+            stopped = list(flat)
+            for position, source in zip(positions, sources):
+                stopped[position] = tf.stop_gradient(source)
+            outputs, residuals = self._forward(
+                *tf.nest.pack_sequence_as(args, stopped[: len(tf.nest.flatten(args))]),
+                **tf.nest.pack_sequence_as(kwargs, stopped[len(tf.nest.flatten(args)) :]),
+            )
+            flat_outputs = tf.nest.flatten(outputs)
+
+            def grad(*upstream, variables=None):
+                upstream = [
+                    tf.zeros_like(output) if g is None else g
+                    for g, output in zip(upstream, flat_outputs)
+                ]
+                grads = self._backward(args, kwargs, residuals, upstream)
+                if variables:
+                    return list(grads), [None] * len(variables)
+                return list(grads)
+
+            return outputs, grad
+
+        return run(*sources)
+
+    def experimental_get_tracing_count(self):
+        """Traces so far of the forward and backward programs, over all ranks."""
+        return (
+            self._forward.experimental_get_tracing_count()
+            + self._backward.experimental_get_tracing_count()
+        )
 
 
 class Kernel:
@@ -65,8 +213,8 @@ class Kernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self.xla = _PerRank(fn, jit_compile=True)
-        self.plain = _PerRank(fn, jit_compile=False)
+        self.xla = Compiled(fn, jit_compile=True)
+        self.plain = Compiled(fn, jit_compile=False)
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 

@@ -16,12 +16,19 @@ only they receive the S1, S2 terms (S1, S2 still sum over every position of the
 group, since every output depends on μ and σ):
     dx = (g − w (S1/N + x̂ S2/N)) / sqrt(σ²_ng + ε).
 The statistics are per sample: the output never depends on the batch size.
+
+Passes over the data: the statistics read x twice (mean, then the squared
+deviations, see `moments`), the output once. The backward reads dy and x
+once for the per-sample, per-channel sums A = Σ dy and B = Σ dy (x − μ) over
+the other axes; S1, S2, dγ and dβ all follow from these small tensors
+(S1 = Σ_c∈g γ_c A, S2 = Σ_c∈g γ_c B / σ, dγ = Σ_n B / σ, dβ = Σ_n A), then
+once more for dx.
 """
 
 import tensorflow as tf
 
 from kerasbn.kernels.compile import kernel
-from kerasbn.kernels.moments import moments
+from kerasbn.kernels.moments import moments, sum_over, sum_pair
 
 
 def grouped_shape(x, groups, channel_axis):
@@ -65,8 +72,11 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
     rank = x.shape.rank
     original_shape = tf.shape(x)
     grouped = tf.reshape(x, grouped_shape(x, groups, channel_axis))
-    axes = tuple(a for a in range(rank + 1) if a not in (0, channel_axis))
-    parameter_axes = tuple(a for a in range(rank + 1) if a not in (channel_axis, channel_axis + 1))
+    group_axis, member_axis = channel_axis, channel_axis + 1
+    axes = tuple(a for a in range(rank + 1) if a not in (0, group_axis))
+    parameter_axes = tuple(a for a in range(rank + 1) if a not in (group_axis, member_axis))
+    # The axes other than the sample and the channel (spatial, time...).
+    other_axes = tuple(a for a in range(rank + 1) if a not in (0, group_axis, member_axis))
     if mask is not None:
         mask = tf.expand_dims(tf.expand_dims(tf.cast(mask, tf.bool), channel_axis), channel_axis)
     gamma = group_parameter(gamma, rank, groups, channel_axis, 1.0, x.dtype)
@@ -77,20 +87,31 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
 
     @tf.custom_gradient
     def forward(grouped, gamma, beta):
-        x_hat = (grouped - mean) * inv_std
-        y = x_hat * gamma + beta
+        # One fused pass: (x - μ) (γ / σ) + β with the factor per sample and channel.
+        y = (grouped - mean) * (gamma * inv_std) + beta
 
         def grad(dy):
-            x_hat = (grouped - mean) * inv_std
-            scaled = dy * gamma
-            sum_scaled = tf.reduce_sum(scaled, axis=axes, keepdims=True)
-            sum_scaled_xhat = tf.reduce_sum(scaled * x_hat, axis=axes, keepdims=True)
-            statistics_term = (sum_scaled + x_hat * sum_scaled_xhat) / divisor
+            # Per sample and channel, over the other axes (one pass over dy
+            # and x; for rank 2 there is nothing to sum and these are dy
+            # itself): A = Σ dy, B = Σ dy (x - μ). Every sum the gradient
+            # needs follows from these small tensors.
+            if other_axes:
+                sum_dy, sum_dy_centred = sum_pair(dy, dy * (grouped - mean), other_axes)
+            else:
+                sum_dy, sum_dy_centred = dy, dy * (grouped - mean)
+            dbeta = sum_over(sum_dy, parameter_axes)
+            dgamma = sum_over(sum_dy_centred * inv_std, parameter_axes)
+            # S1 = Σ_group γ dy,  S2 = Σ_group γ dy x̂, per sample and group.
+            s1 = sum_over(gamma * sum_dy, (member_axis,))
+            s2 = sum_over(gamma * sum_dy_centred, (member_axis,)) * inv_std
+            # dx = (γ dy − (S1 + x̂ S2) / N) / σ
+            #    = dy (γ / σ) − [(x − μ) (S2 / (N σ²)) + S1 / (N σ)]
+            slope = s2 * inv_std * inv_std / divisor
+            offset = s1 * inv_std / divisor
+            statistics_term = (grouped - mean) * slope + offset
             if mask is not None:
                 statistics_term = tf.where(mask, statistics_term, tf.zeros_like(statistics_term))
-            dx = inv_std * (scaled - statistics_term)
-            dgamma = tf.reduce_sum(dy * x_hat, axis=parameter_axes, keepdims=True)
-            dbeta = tf.reduce_sum(dy, axis=parameter_axes, keepdims=True)
+            dx = dy * (gamma * inv_std) - statistics_term
             return dx, _reduce_to(dgamma, gamma), _reduce_to(dbeta, beta)
 
         return y, grad

@@ -21,9 +21,67 @@ deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
 With statistics synchronised across replicas, N, S1 and S2 in dx are global: an
 `all_reduce` callable sums (S1, S2) over replicas, while dβ and dγ stay local
 (the distribution strategy sums the weight gradients itself).
+
+Every per-element expression is written as one multiply-add per feature
+constant, `(x - μ) k + c`, with the per-feature constants computed first, so
+XLA fuses each pass over `x` into a single loop and `x̂` is never stored; the
+sums go through `moments.sum_over` (see there why).
 """
 
 import tensorflow as tf
+
+from kerasbn.kernels.moments import sum_pair
+
+
+def inverse_std(variance, count, epsilon):
+    """`1 / sqrt(σ² + ε)`, and 0 for a feature without elements."""
+    return tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
+
+
+def normalize_forward(x, gamma, beta, mean, inv_std, r=None, d=None):
+    """`γ (r (x - μ) inv_std + d) + β`, one fused pass over `x`.
+
+    All per-feature arguments are shaped to broadcast against `x`.
+    """
+    # γ (r (x - μ) s + d) + β = (x - μ) (γ r s) + (γ d + β)
+    scale = gamma * inv_std if r is None else gamma * r * inv_std
+    shift = beta if d is None else gamma * d + beta
+    return (x - mean) * scale + shift
+
+
+def normalize_backward(
+    dy, x, gamma, mean, inv_std, count, *, axes, mask=None, r=None, d=None, all_reduce=None
+):
+    """Gradients `(dx, dγ, dβ)` of `normalize_forward` through the batch statistics.
+
+    Args:
+      dy: gradient of the output, shape of `x`.
+      x, gamma, mean, inv_std, count, r, d: as in the forward (broadcast shape).
+      axes: the reduced axes.
+      mask: optional boolean tensor broadcastable to `x`.
+      all_reduce: optional callable summing a list of tensors over replicas.
+
+    Returns:
+      `dx` (shape of `x`) and `dγ`, `dβ` in broadcast shape.
+    """
+    divisor = tf.maximum(count, 1.0)
+    # S2 = Σ dy x̂ = inv_std Σ dy (x - μ): one multiply per element fewer.
+    sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes)
+    sum_dy_xhat = sum_dy_centred * inv_std
+    global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+    if all_reduce is not None:
+        global_dy, global_dy_xhat = all_reduce([sum_dy, sum_dy_xhat])
+    scale = gamma * inv_std if r is None else gamma * r * inv_std
+    # scale (dy - S1/N - x̂ S2/N) = dy scale - [(x - μ) a + b],
+    # a = scale inv_std S2/N,  b = scale S1/N  (per feature).
+    slope = scale * inv_std * (global_dy_xhat / divisor)
+    offset = scale * (global_dy / divisor)
+    statistics_term = (x - mean) * slope + offset
+    if mask is not None:
+        statistics_term = tf.where(mask, statistics_term, tf.zeros_like(statistics_term))
+    dx = dy * scale - statistics_term
+    dgamma = sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy
+    return dx, dgamma, sum_dy
 
 
 def normalize_with_batch_statistics(
@@ -58,40 +116,29 @@ def normalize_with_batch_statistics(
     Returns:
       The normalised tensor, same shape and dtype as `x`.
     """
-    has_elements = count > 0
-    inv_std = tf.where(
-        has_elements, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance)
-    )
-    divisor = tf.maximum(count, 1.0)
+    inv_std = inverse_std(variance, count, epsilon)
     if r is not None:
         r = tf.stop_gradient(r)
         d = tf.stop_gradient(d)
 
-    def sum_over(values):
-        return tf.reduce_sum(values, axis=axes, keepdims=True)
-
     @tf.custom_gradient
     def forward(x, gamma, beta):
-        x_hat = (x - mean) * inv_std
-        corrected = x_hat if r is None else x_hat * r + d
-        y = corrected * gamma + beta
+        y = normalize_forward(x, gamma, beta, mean, inv_std, r, d)
 
         def grad(dy):
-            x_hat = (x - mean) * inv_std
-            sum_dy = sum_over(dy)
-            sum_dy_xhat = sum_over(dy * x_hat)
-            global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
-            if all_reduce is not None:
-                global_dy, global_dy_xhat = all_reduce([sum_dy, sum_dy_xhat])
-            statistics_term = global_dy / divisor + x_hat * (global_dy_xhat / divisor)
-            if mask is None:
-                centred = dy - statistics_term
-            else:
-                centred = dy - tf.where(mask, statistics_term, tf.zeros_like(dy))
-            scale = gamma * inv_std if r is None else gamma * r * inv_std
-            dx = scale * centred
-            dgamma = sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy
-            return dx, dgamma, sum_dy
+            return normalize_backward(
+                dy,
+                x,
+                gamma,
+                mean,
+                inv_std,
+                count,
+                axes=axes,
+                mask=mask,
+                r=r,
+                d=d,
+                all_reduce=all_reduce,
+            )
 
         return y, grad
 

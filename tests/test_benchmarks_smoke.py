@@ -1,0 +1,66 @@
+"""The benchmark harness runs end to end (`--quick`: tiny shapes) and writes its tables."""
+
+import re
+
+import pytest
+
+run = pytest.importorskip("benchmarks.run")
+cases = pytest.importorskip("benchmarks.cases")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "results.md"
+    assert run.main(["--quick", "--output", str(output)]) == 0
+    return output.read_text()
+
+
+def _table(text, header_start):
+    """Rows (lists of cells) of the markdown table whose header starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| " + header_start))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, separator, *body = rows
+    assert set(separator) == {"---"}
+    return header, body
+
+
+def test_training_table_has_every_layer_and_shape_with_floor_ratios(quick_results):
+    header, body = _table(quick_results, "training step")
+    assert header[1:] == [shape.label for shape in cases.QUICK_SHAPES]
+    titles = [row[0] for row in body]
+    assert run.COPY in titles
+    for spec in run.available_specs():
+        assert spec.title in titles
+    for row in body:
+        assert len(row) == len(header)
+        for cell in row[1:]:
+            assert re.fullmatch(r"[\d.]+ ms \([\d.]+×\)", cell), cell
+
+
+def test_ratio_tables_compare_ours_with_each_anchor(quick_results):
+    for kind in ("training", "inference"):
+        header, body = _table(quick_results, f"speed-up (anchor ÷ ours), {kind}")
+        labels = [row[0] for row in body]
+        assert "tf_keras fused BN ÷ ours BN" in labels
+        assert "Keras 3 BN, jit ÷ ours BN, jit" in labels
+        for row in body:
+            assert len(row) == len(header)
+            for cell in row[1:]:
+                assert re.fullmatch(r"[\d.]+×", cell), cell
+
+
+def test_inference_compile_memory_and_targets_are_reported(quick_results):
+    header, body = _table(quick_results, "inference")
+    assert run.AFFINE in [row[0] for row in body]
+    _, compile_rows = _table(quick_results, "first call − steady call")
+    assert all(re.fullmatch(r"[\d.]+ / [\d.]+", cell) for row in compile_rows for cell in row[1:])
+    _, memory_rows = _table(quick_results, "training-step peak memory")
+    memory = {row[0]: row for row in memory_rows}
+    assert set(memory) == {"ours BN", "tf_keras fused BN"}
+    assert float(memory["ours BN"][1]) > 0
+    assert "## Targets" in quick_results

@@ -1,0 +1,126 @@
+"""No retracing or recompilation per step in `fit`.
+
+Over several epochs with a fixed batch size, the traces of our kernels (forward
+and backward programs, XLA and plain) and of the model's train step are counted
+after every batch: they must not change after the first one. A retrace per step
+would also mean an XLA compilation per step.
+
+Separately, a jit-compiled training step must take the input as an XLA
+parameter: if XLA's constant analysis decided it needs the input's *value* at
+compile time, every call would recompile (and constant-fold the whole step)
+without a single retrace.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from kerasbn import kernels
+
+LAYERS = {
+    "BatchNorm": ("batch_norm_train", dict()),
+    "BatchRenorm": ("batch_renorm_train", dict(r_max=3.0, d_max=5.0)),
+    "GroupNorm": ("group_norm", dict(groups=4)),
+}
+
+
+def _make_layer(name):
+    if not hasattr(kerasbn, name) or not hasattr(kernels, LAYERS[name][0]):
+        pytest.skip(f"kerasbn.{name} is not available")
+    return getattr(kerasbn, name)(**LAYERS[name][1])
+
+
+def _kernel_traces(name):
+    kernel = getattr(kernels, LAYERS[name][0])
+    return kernel.xla.experimental_get_tracing_count() + kernel.plain.experimental_get_tracing_count()
+
+
+class _Recorder(keras.callbacks.Callback):
+    def __init__(self, read):
+        super().__init__()
+        self.read = read
+        self.records = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.records.append(self.read())
+
+
+@pytest.mark.parametrize("fit_jit", [True, False], ids=["fit-jit", "fit-no-jit"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_fit_traces_once_with_a_fixed_batch_size(name, fit_jit):
+    layer = _make_layer(name)
+    # The kernels are module-level: this fit may reuse traces made by earlier
+    # tests (a relaxed trace covers every batch size). What matters is that the
+    # counts do not move from one step to the next.
+    channels = 8 if fit_jit else 12
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, channels)),
+            layer,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse", jit_compile=fit_jit)
+    step_traces = []
+    train_step = model.train_step
+
+    def counted_train_step(data):
+        step_traces.append(1)  # runs once per trace (the step is a tf.function)
+        return train_step(data)
+
+    model.train_step = counted_train_step
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 6, 6, channels)).astype("float32")
+    y = rng.normal(size=(48, 2)).astype("float32")
+    recorder = _Recorder(lambda: (_kernel_traces(name), len(step_traces)))
+    model.fit(x, y, batch_size=8, epochs=3, shuffle=True, verbose=0, callbacks=[recorder])
+
+    assert len(recorder.records) == 3 * 6
+    assert recorder.records[0][0] > 0
+    assert recorder.records[0][1] >= 1
+    assert set(recorder.records) == {recorder.records[0]}, recorder.records
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_jit_training_step_takes_the_input_as_a_parameter(name):
+    layer = _make_layer(name)
+    x = tf.random.normal([16, 5, 5, 8])
+    layer.build(x.shape)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, [x] + list(layer.trainable_weights))
+
+    hlo = step.experimental_get_compiler_ir(x)(stage="hlo")
+    entry = hlo[hlo.index("ENTRY") :].splitlines()[0]
+    assert "f32[16,5,5,8]" in entry.split("->")[0], entry
+
+
+def test_statistics_keep_computed_shapes_off_the_backward():
+    """The kernel body differentiated as one nested XLA function, not through `Compiled`.
+
+    `moments` stops gradients on its results; without that, TensorFlow builds
+    gradients of the reshapes inside `sum_over`, the backward needs their
+    computed shapes, and XLA then requires the input's value at compile time.
+    """
+    x = tf.random.normal([16, 5, 5, 8])
+    ones, zeros = tf.ones([8]), tf.zeros([8])
+    inner = tf.function(kernels.batch_norm_train.fn, jit_compile=True)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _, _ = inner(x, ones, zeros, zeros, ones, None, momentum=0.9, epsilon=1e-3, feature_axes=(3,))
+            loss = tf.reduce_sum(tf.square(y))
+        return tape.gradient(loss, x)
+
+    hlo = step.experimental_get_compiler_ir(x)(stage="hlo")
+    entry = hlo[hlo.index("ENTRY") :].splitlines()[0]
+    assert "f32[16,5,5,8]" in entry.split("->")[0], entry
