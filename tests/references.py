@@ -46,3 +46,18 @@ def inference_reference(x, gamma, beta, mean, variance, epsilon, axis):
         return np.reshape(np.asarray(v, np.float64), shape)
 
     return r(gamma) * (x - r(mean)) / np.sqrt(r(variance) + epsilon) + r(beta)
+
+
+def central_differences(function, x0, step=1e-6):
+    """d function / d x at x0 by central differences, one element at a time.
+
+    `function` maps a float64 array shaped like `x0` to a scalar.
+    """
+    x0 = np.asarray(x0, np.float64)
+    gradient = np.zeros_like(x0)
+    for index in np.ndindex(x0.shape):
+        plus, minus = x0.copy(), x0.copy()
+        plus[index] += step
+        minus[index] -= step
+        gradient[index] = (float(function(plus)) - float(function(minus))) / (2 * step)
+    return gradient
