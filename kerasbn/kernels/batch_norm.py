@@ -28,14 +28,14 @@ def batch_moments(x, feature_axes, mask=None):
     """Moments of a batch for `feature_axes`, with the mask made broadcastable.
 
     Returns `(mean, variance, count, axes, mask)`; `mask` is None or a boolean
-    tensor broadcastable to `x`. Statistics carry no gradient: the custom
-    gradient of `normalize_with_batch_statistics` accounts for them.
+    tensor broadcastable to `x`. Statistics carry no gradient (see `moments`):
+    the custom gradient of `normalize_with_batch_statistics` accounts for them.
     """
     rank = x.shape.rank
     axes = reduction_axes(rank, feature_axes)
     if mask is not None:
         mask = mask_to_broadcast(mask, rank, feature_axes)
-    mean, variance, count = moments(tf.stop_gradient(x), axes, mask)
+    mean, variance, count = moments(x, axes, mask)
     return mean, variance, count, axes, mask
 
 
@@ -89,6 +89,8 @@ def updated_moving_statistics(moving_mean, moving_variance, mean, variance, coun
     `mean`, `variance` and `count` are batch statistics in broadcast shape; the
     results have the per-feature shape of `moving_mean`.
     """
+    # The moving averages never carry a gradient to x, in any mode.
+    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
     feature_shape = tf.shape(moving_mean)
     usable = tf.reshape(
         tf.broadcast_to(statistics_are_usable(mean, variance, count), tf.shape(mean)),

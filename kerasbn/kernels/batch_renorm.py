@@ -51,6 +51,8 @@ def updated_renorm_statistics(state, mean, variance, usable, *, momentum, renorm
       A dict with the new `moving_mean`, `moving_variance`, `moving_stddev`,
       `renorm_mean` and `renorm_stddev`.
     """
+    # The moving averages never carry a gradient to x, in any mode.
+    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
     batch_stddev = tf.sqrt(variance + epsilon)
     moving_stddev = moving_average(state["moving_stddev"], batch_stddev, momentum, usable)
     return {

@@ -19,6 +19,14 @@ backward program re-traces the kernel under a tape with those residuals fed
 back in, so the statistics are not recomputed (XLA drops the dead forward
 work), and takes `x` from the caller. Inside an outer XLA-compiled step both
 programs are inlined into one and fused as before.
+
+Second-order gradients (a gradient penalty, Hessian-vector products): the
+backward program takes the statistics as constants, so differentiating it
+again would miss how they depend on `x`. When a tape records the backward
+call, that call gets its own gradient: TensorFlow's autodiff of the kernel run
+in `differentiable_statistics()` mode, where the statistics are ordinary
+differentiable functions of `x` and no hand-derived gradient is used. Plain
+training never takes this path.
 """
 
 import contextlib
@@ -36,14 +44,34 @@ def xla_allowed():
 
 
 @contextlib.contextmanager
-def jit_disabled():
-    """Within this context, layers call the plain (non-XLA) kernels."""
-    previous = getattr(_state, "jit_disabled", False)
-    _state.jit_disabled = True
+def _thread_flag(name):
+    """Sets the thread-local flag `name` for the duration of the context."""
+    previous = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.jit_disabled = previous
+        setattr(_state, name, previous)
+
+
+def jit_disabled():
+    """Within this context, layers call the plain (non-XLA) kernels."""
+    return _thread_flag("jit_disabled")
+
+
+def differentiable_statistics():
+    """Within this context kernels build plain differentiable graphs.
+
+    The batch statistics keep their gradient and no `tf.custom_gradient` is
+    used, so TensorFlow's autodiff of a kernel is its exact derivative to any
+    order. Slower; used only to differentiate a gradient.
+    """
+    return _thread_flag("differentiable_statistics")
+
+
+def statistics_are_differentiable():
+    """Whether kernels are being built in `differentiable_statistics()` mode."""
+    return getattr(_state, "differentiable_statistics", False)
 
 
 # -- residuals ------------------------------------------------------------------
@@ -150,10 +178,45 @@ def _backward_program(fn):
     return backward
 
 
+def _with_sources(args, kwargs, positions, sources):
+    """`(args, kwargs)` with the differentiable leaves at `positions` replaced."""
+    flat = tf.nest.flatten((args, kwargs))
+    for position, source in zip(positions, sources):
+        flat[position] = source
+    return tf.nest.pack_sequence_as((args, kwargs), flat)
+
+
+def _exact_gradients(fn, args, kwargs, positions, sources, upstream, cotangents):
+    """Vector-Jacobian product of `fn`'s gradient, by autodiff to second order.
+
+    The gradient is `g(sources, upstream) = J_fn(sources)ᵀ upstream`; returns
+    `∂⟨g, cotangents⟩ / ∂(sources, upstream)`, with `fn` built in
+    `differentiable_statistics()` mode.
+    """
+    zero = tf.UnconnectedGradients.ZERO
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+        outer.watch(list(sources) + list(upstream))
+        with differentiable_statistics():
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(sources)
+                call_args, call_kwargs = _with_sources(args, kwargs, positions, sources)
+                outputs = fn(*call_args, **call_kwargs)
+        gradients = inner.gradient(
+            tf.nest.flatten(outputs), sources, output_gradients=upstream, unconnected_gradients=zero
+        )
+    return outer.gradient(
+        gradients,
+        list(sources) + list(upstream),
+        output_gradients=cotangents,
+        unconnected_gradients=zero,
+    )
+
+
 class Compiled:
     """A kernel compiled one way (XLA or plain): call it like the function."""
 
     def __init__(self, fn, jit_compile):
+        self._fn = fn
         self._forward = _PerRank(
             _forward_program(fn), jit_compile, lambda x, *args, **kwargs: len(x.shape)
         )
@@ -177,13 +240,10 @@ class Compiled:
     def _call_recorded(self, args, kwargs, flat, positions, sources):
         @tf.custom_gradient
         def run(*sources):
-            stopped = list(flat)
-            for position, source in zip(positions, sources):
-                stopped[position] = tf.stop_gradient(source)
-            outputs, residuals = self._forward(
-                *tf.nest.pack_sequence_as(args, stopped[: len(tf.nest.flatten(args))]),
-                **tf.nest.pack_sequence_as(kwargs, stopped[len(tf.nest.flatten(args)) :]),
+            stopped_args, stopped_kwargs = _with_sources(
+                args, kwargs, positions, [tf.stop_gradient(source) for source in sources]
             )
+            outputs, residuals = self._forward(*stopped_args, **stopped_kwargs)
             flat_outputs = tf.nest.flatten(outputs)
 
             def grad(*upstream, variables=None):
@@ -191,14 +251,44 @@ class Compiled:
                     tf.zeros_like(output) if g is None else g
                     for g, output in zip(upstream, flat_outputs)
                 ]
-                grads = self._backward(args, kwargs, residuals, upstream)
+                grads = self._gradients(args, kwargs, positions, sources, residuals, upstream)
                 if variables:
-                    return list(grads), [None] * len(variables)
-                return list(grads)
+                    return grads, [None] * len(variables)
+                return grads
 
             return outputs, grad
 
         return run(*sources)
+
+    def _gradients(self, args, kwargs, positions, sources, residuals, upstream):
+        """The backward program's gradients; exactly differentiable when recorded."""
+        if not record.should_record_backprop(list(sources) + list(upstream)):
+            return list(self._backward(args, kwargs, residuals, upstream))
+        count = len(sources)
+
+        @tf.custom_gradient
+        def gradients(*inputs):
+            stopped = [tf.stop_gradient(value) for value in inputs]
+            stopped_args, stopped_kwargs = _with_sources(args, kwargs, positions, stopped[:count])
+            grads = self._backward(stopped_args, stopped_kwargs, residuals, stopped[count:])
+            grads = [
+                tf.zeros_like(source) if g is None else g for g, source in zip(grads, stopped)
+            ]
+
+            def second_order(*cotangents, variables=None):
+                cotangents = [
+                    tf.zeros_like(g) if c is None else c for c, g in zip(cotangents, grads)
+                ]
+                result = _exact_gradients(
+                    self._fn, args, kwargs, positions, inputs[:count], inputs[count:], cotangents
+                )
+                if variables:
+                    return result, [None] * len(variables)
+                return result
+
+            return grads, second_order
+
+        return list(gradients(*sources, *upstream))
 
     def experimental_get_tracing_count(self):
         """Traces so far of the forward and backward programs, over all ranks."""

@@ -27,7 +27,7 @@ once more for dx.
 
 import tensorflow as tf
 
-from kerasbn.kernels.compile import kernel
+from kerasbn.kernels.compile import kernel, statistics_are_differentiable
 from kerasbn.kernels.moments import moments, sum_over, sum_pair
 
 
@@ -81,9 +81,12 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
         mask = tf.expand_dims(tf.expand_dims(tf.cast(mask, tf.bool), channel_axis), channel_axis)
     gamma = group_parameter(gamma, rank, groups, channel_axis, 1.0, x.dtype)
     beta = group_parameter(beta, rank, groups, channel_axis, 0.0, x.dtype)
-    mean, variance, count = moments(tf.stop_gradient(grouped), axes, mask)
+    mean, variance, count = moments(grouped, axes, mask)
     inv_std = tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
     divisor = tf.maximum(count, 1.0)
+    if statistics_are_differentiable():  # for a gradient of the gradient
+        y = (grouped - mean) * (gamma * inv_std) + beta
+        return tf.reshape(y, original_shape)
 
     @tf.custom_gradient
     def forward(grouped, gamma, beta):

@@ -21,7 +21,7 @@ its matmul library. The result is the same sum, added in a different order.
 import numpy as np
 import tensorflow as tf
 
-from kerasbn.kernels.compile import residual
+from kerasbn.kernels.compile import residual, statistics_are_differentiable
 
 # Elements summed by the fused first stage. 16 measured fastest for a sum
 # reading one tensor; 32 and more are rewritten into the slow reduce-window form
@@ -211,7 +211,8 @@ def moments(x, axes, mask=None):
       NaN.
 
     The statistics carry no gradient (the normalisation's custom gradient
-    accounts for them). The `stop_gradient` on the results also keeps the
+    accounts for them), except in `differentiable_statistics()` mode, which
+    differentiates a gradient. The `stop_gradient` on the results also keeps the
     reshapes inside `sum_over` off the backward pass: TensorFlow builds a
     gradient for every op between a function's inputs and outputs, and a
     gradient of a reshape by a computed shape makes the backward of an XLA
@@ -219,7 +220,9 @@ def moments(x, axes, mask=None):
     traces back to the values of `x` (recompiling, and constant-folding the
     whole step, on every call).
     """
-    x = tf.stop_gradient(x)
+    differentiable = statistics_are_differentiable()
+    if not differentiable:
+        x = tf.stop_gradient(x)
     count = element_count(x, axes, mask)
     divisor = tf.maximum(count, 1.0)
     if mask is None:
@@ -231,4 +234,6 @@ def moments(x, axes, mask=None):
         deviation = tf.where(mask, tf.square(x - mean), zeros)
     variance = sum_over(deviation, axes) / divisor
     # Saved by a kernel's forward program for its backward (see `compile.py`).
+    if differentiable:
+        return mean, variance, tf.stop_gradient(count)
     return tuple(residual(tf.stop_gradient(t)) for t in (mean, variance, count))

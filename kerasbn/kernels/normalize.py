@@ -29,7 +29,9 @@ sums go through `moments.sum_over` (see there why).
 """
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
+from kerasbn.kernels.compile import statistics_are_differentiable
 from kerasbn.kernels.moments import sum_pair
 
 
@@ -120,12 +122,21 @@ def normalize_with_batch_statistics(
     if r is not None:
         r = tf.stop_gradient(r)
         d = tf.stop_gradient(d)
+    if statistics_are_differentiable():  # for a gradient of the gradient
+        return normalize_forward(x, gamma, beta, mean, inv_std, r, d)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
         y = normalize_forward(x, gamma, beta, mean, inv_std, r, d)
 
         def grad(dy):
+            if all_reduce is not None and record.should_record_backprop([x, dy]):
+                raise NotImplementedError(
+                    "A gradient of a gradient (gradient penalty, Hessian-vector product) "
+                    "through a layer with synchronized=True is not supported: its hand-derived "
+                    "gradient treats the global batch statistics as constants. Use "
+                    "synchronized=False for such models."
+                )
             return normalize_backward(
                 dy,
                 x,
