@@ -63,6 +63,8 @@ def test_keras_weights_transfer_to_ours(rng):
         ({"momentum": "0.9"}, TypeError, "momentum"),
         ({"epsilon": 0.0}, ValueError, "epsilon"),
         ({"epsilon": -1e-3}, ValueError, "epsilon"),
+        ({"epsilon": float("inf")}, ValueError, "epsilon"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon"),
         ({"axis": 1.5}, TypeError, "axis"),
         ({"axis": []}, ValueError, "axis"),
         ({"axis": [1, "2"]}, TypeError, "axis"),

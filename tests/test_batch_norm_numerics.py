@@ -109,6 +109,29 @@ def test_float64_layer_computes_in_float64(rng):
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-7, atol=1e-7)
 
 
+FLOAT64_LAYERS = {
+    "BatchNorm": lambda: kerasbn.BatchNorm(dtype="float64"),
+    "BatchRenorm": lambda: kerasbn.BatchRenorm(r_max=1.0, d_max=0.0, dtype="float64"),
+    "GroupNorm": lambda: kerasbn.GroupNorm(groups=1, dtype="float64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT64_LAYERS))
+def test_float64_layer_computes_in_float64_on_float32_input(rng, name):
+    # Keras casts the input to a float64 layer's dtype first; so must we. The
+    # float32 input's values are exact in float64, and the spread (1e-4 of the
+    # mean) leaves float32 arithmetic with only ~3 correct digits.
+    x = (1.0 + 1e-4 * rng.normal(size=(64, 3))).astype("float32")
+    layer = FLOAT64_LAYERS[name]()
+    y = layer(x, training=True)
+    assert y.dtype == tf.float64
+    expected, _, _ = batch_norm_reference(x.astype("float64"), None, None, 1e-3, -1)
+    if isinstance(layer, kerasbn.GroupNorm):  # one group: statistics per sample
+        expected, _, _ = batch_norm_reference(x.astype("float64").T, None, None, 1e-3, -1)
+        expected = expected.T
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_inside_tf_function_with_varying_batch(rng):
     layer = kerasbn.BatchNorm()
     step = tf.function(lambda x: layer(x, training=True), reduce_retracing=True)

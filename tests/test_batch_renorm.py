@@ -258,6 +258,9 @@ def test_empty_feature_keeps_statistics_and_gives_beta(rng):
     [
         ({"r_max": 0.5}, "r_max"),
         ({"d_max": -1.0}, "d_max"),
+        ({"r_max": float("nan")}, "r_max"),
+        ({"d_max": float("nan")}, "d_max"),
+        ({"epsilon": float("inf")}, "epsilon"),
         ({"renorm_momentum": 1.0}, "renorm_momentum"),
         ({"momentum": -0.1}, "momentum"),
     ],
@@ -265,6 +268,18 @@ def test_empty_feature_keeps_statistics_and_gives_beta(rng):
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         kerasbn.BatchRenorm(**kwargs)
+
+
+def test_infinite_limits_mean_no_clipping(rng):
+    # r_max = d_max = inf: x̂ = (x − μ_B)/σ_B · (σ_B/σ) + (μ_B − μ)/σ = (x − μ)/σ,
+    # the renorm statistics alone, whatever the batch.
+    layer = kerasbn.BatchRenorm(r_max=float("inf"), d_max=float("inf"), center=False, scale=False)
+    layer.build((None, 3))
+    layer.renorm_mean.assign([1.0, -2.0, 0.5])
+    layer.renorm_stddev.assign([2.0, 0.5, 1.0])
+    x = rng.normal(0.0, 3.0, (16, 3)).astype("float32")
+    expected = (x - np.array([1.0, -2.0, 0.5])) / np.array([2.0, 0.5, 1.0])
+    np.testing.assert_allclose(layer(x, training=True).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_ramp_rejects_end_before_start():

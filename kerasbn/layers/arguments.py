@@ -4,6 +4,7 @@ Every check raises a `ValueError` or `TypeError` whose message names the
 argument and the value received.
 """
 
+import math
 import numbers
 
 
@@ -68,10 +69,12 @@ def check_momentum(momentum, name="momentum"):
 
 
 def check_epsilon(epsilon):
-    """A float > 0."""
+    """A finite float > 0."""
     epsilon = check_float(epsilon, "epsilon")
-    if not epsilon > 0.0:
-        raise ValueError(f"Argument `epsilon` must be > 0. Received: epsilon={epsilon}")
+    if not 0.0 < epsilon < math.inf:
+        raise ValueError(
+            f"Argument `epsilon` must be a finite number > 0. Received: epsilon={epsilon}"
+        )
     return epsilon
 
 

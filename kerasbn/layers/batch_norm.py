@@ -170,7 +170,7 @@ class BatchNorm(keras.layers.Layer):
         """Validates the mask and upcasts inputs and weights for the kernels."""
         if mask is not None:
             arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), self.feature_axes)
-        dtype = statistics_dtype(inputs.dtype)
+        dtype = statistics_dtype(inputs.dtype, self.variable_dtype)
         x = tf.cast(inputs, dtype)
         gamma = read_variable(self.gamma, dtype)
         beta = read_variable(self.beta, dtype)

@@ -159,11 +159,11 @@ class BatchRenorm(BatchNorm):
 
 
 def _check_limit(value, name, minimum):
-    """A number >= minimum, or a callable of the step (a schedule)."""
+    """A number >= minimum (inf: no clipping), or a callable of the step (a schedule)."""
     if callable(value):
         return value
     value = arguments.check_float(value, name)
-    if value < minimum:
+    if not value >= minimum:  # NaN included
         raise ValueError(
             f"Argument `{name}` must be >= {minimum:g} or a schedule of the step. "
             f"Received: {name}={value}"

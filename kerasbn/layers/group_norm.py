@@ -132,7 +132,7 @@ class GroupNorm(keras.layers.Layer):
     def call(self, inputs, mask=None):
         if mask is not None:
             arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), (self.channel_axis,))
-        dtype = statistics_dtype(inputs.dtype)
+        dtype = statistics_dtype(inputs.dtype, self.variable_dtype)
         y = kernels.group_norm.get(self.jit_compile)(
             tf.cast(inputs, dtype),
             read_variable(self.gamma, dtype),

@@ -10,9 +10,14 @@ kernels intact rather than as inf.
 import tensorflow as tf
 
 
-def statistics_dtype(dtype):
-    """float64 stays float64; everything else is computed in float32."""
-    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+def statistics_dtype(input_dtype, layer_dtype):
+    """float64 when the input or the layer's weights are float64, else float32.
+
+    A `dtype="float64"` layer computes in float64 even on float32 input, as
+    Keras' layers do (they cast the input to float64 first).
+    """
+    wide = tf.float64 in (tf.as_dtype(input_dtype), tf.as_dtype(layer_dtype))
+    return tf.float64 if wide else tf.float32
 
 
 def read_variable(variable, dtype):
