@@ -56,6 +56,34 @@ def test_stacked_layers_are_exact_in_topological_passes(rng):
         assert_exact(model, f"bn{i}", x)
 
 
+def test_in_memory_x_y_tuple_uses_x_only(rng):
+    # (x, y) as `fit` and `validation_data` take it: y must not be fed to the model.
+    x = rng.normal(5.0, 2.0, (64, 3)).astype("float32")
+    y = rng.normal(-5.0, 1.0, (64, 3)).astype("float32")
+    for data in ((x, y), (x, y, np.ones(64, "float32")), (x,)):
+        model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(name="bn")])
+        (report,) = kerasbn.recalibrate(model, data, batch_size=10, verbose=0)
+        assert report.count == 64
+        assert_exact(model, "bn", x)
+
+
+def test_in_memory_list_feeds_a_multi_input_model(rng):
+    first, second = keras.Input((3,)), keras.Input((2,))
+    joined = keras.layers.Concatenate()([first, keras.layers.Dense(3)(second)])
+    model = keras.Model([first, second], kerasbn.BatchNorm(name="bn")(joined))
+    x = [rng.normal(1.0, 2.0, (50, 3)).astype("float32"), rng.normal(size=(50, 2)).astype("float32")]
+    (report,) = kerasbn.recalibrate(model, (x, np.zeros(50)), batch_size=8, verbose=0)
+    assert report.count == 50
+    assert_exact(model, "bn", x)
+
+
+def test_in_memory_arrays_of_different_lengths_are_refused(rng):
+    x = rng.normal(size=(64, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+    with pytest.raises(ValueError, match="`data`.*different lengths"):
+        kerasbn.recalibrate(model, (x, x[:10]), verbose=0)
+
+
 def test_report_measures_the_old_error(rng):
     model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(name="bn")])
     model.get_layer("bn").moving_mean.assign([1.0, 0.0, -1.0])

@@ -16,11 +16,14 @@ def model_inputs(element):
 class BatchSource:
     """Yields the same batches on every pass, at most `steps` of them.
 
-    Accepts a `tf.data.Dataset` (already batched), NumPy arrays (or a dict or
-    list of them, split into batches of `batch_size`), a `keras.utils.PyDataset`
-    or other indexable sequence of batches, or an iterator/generator of batches.
-    An iterator can only be consumed once: the batches drawn from it are kept in
-    memory so that later passes see the same ones.
+    Accepts a `tf.data.Dataset` (already batched); data in memory as Keras'
+    `fit` takes it, split into batches of `batch_size`: `x`, or a tuple
+    `(x,)`, `(x, y)` or `(x, y, sample_weight)`, where `x` is an array or tensor,
+    a dict of them, or a list of them (one per input of a multi-input model);
+    a `keras.utils.PyDataset` or other indexable sequence of batches; or an
+    iterator/generator of batches. An iterator can only be consumed once: the
+    batches drawn from it are kept in memory so that later passes see the same
+    ones.
     """
 
     def __init__(self, data, steps=None, batch_size=32):
@@ -40,9 +43,14 @@ class BatchSource:
             self._passes = lambda: iter(data)
             known = int(data.cardinality())
             self.length = known if known >= 0 else None
-        elif _is_array_like(data):
-            dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
-            self._passes = lambda: iter(dataset)
+        elif _in_memory_inputs(data) is not None:
+            inputs = _in_memory_inputs(data)
+            _check_same_length(data)
+            # A list stays a list of inputs (from_tensor_slices would stack it).
+            slices = tuple(inputs) if isinstance(inputs, list) else inputs
+            dataset = tf.data.Dataset.from_tensor_slices(slices).batch(batch_size)
+            as_list = isinstance(inputs, list)
+            self._passes = lambda: (list(batch) if as_list else batch for batch in dataset)
             self.length = int(dataset.cardinality())
         elif isinstance(data, collections.abc.Sequence) or (
             hasattr(data, "__getitem__") and hasattr(data, "__len__")
@@ -87,9 +95,40 @@ class BatchSource:
 _END = object()
 
 
-def _is_array_like(data):
-    if isinstance(data, np.ndarray) or tf.is_tensor(data):
+def _is_array(value):
+    return isinstance(value, np.ndarray) or tf.is_tensor(value)
+
+
+def _is_inputs(value):
+    """An array, or a non-empty dict or list of arrays: the `x` of Keras' `fit`."""
+    if _is_array(value):
         return True
-    if isinstance(data, dict):
-        return all(isinstance(v, np.ndarray) or tf.is_tensor(v) for v in data.values())
+    if isinstance(value, (dict, list)) and value:
+        parts = value.values() if isinstance(value, dict) else value
+        return all(_is_array(part) for part in parts)
     return False
+
+
+def _in_memory_inputs(data):
+    """`x` when `data` is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` in memory, else None."""
+    if _is_inputs(data):
+        return data
+    if (
+        isinstance(data, tuple)
+        and 1 <= len(data) <= 3
+        and _is_inputs(data[0])
+        and all(part is None or _is_inputs(part) for part in data[1:])
+    ):
+        return data[0]
+    return None
+
+
+def _check_same_length(data):
+    lengths = {int(array.shape[0]) for array in tf.nest.flatten(data) if array is not None}
+    if len(lengths) > 1:
+        raise ValueError(
+            "Argument `data` holds arrays of different lengths (first dimensions "
+            f"{sorted(lengths)}): in memory, `x`, `y` and `sample_weight` (and every input "
+            "of a multi-input model) need one row per example. Pass batches as a "
+            "tf.data.Dataset or a generator instead."
+        )

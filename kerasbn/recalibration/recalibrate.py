@@ -74,10 +74,13 @@ def recalibrate(model, data, steps=None, *, batch_size=32, verbose=1):
     Args:
       model: a built Keras model. `ValueError` if unbuilt or without
         normalization layers.
-      data: a batched `tf.data.Dataset`, NumPy arrays (split into batches of
-        `batch_size`), a `keras.utils.PyDataset` or sequence of batches, or an
+      data: a batched `tf.data.Dataset`; arrays in memory as `fit` takes them
+        (`x`, `(x, y)` or `(x, y, sample_weight)`, with `x` an array or a dict
+        or list of arrays for a multi-input model; split into batches of
+        `batch_size`, `y` and the weights unused; `ValueError` if their lengths
+        differ); a `keras.utils.PyDataset` or sequence of batches; or an
         iterator of batches (kept in memory, so every pass sees the same ones).
-        Elements may be `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`.
+        Batch elements may be `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`.
         `TypeError` for anything else.
       steps: None (default, all of `data`) or the number of batches per pass;
         required for an infinite dataset. `ValueError` if not a positive int.
