@@ -1,4 +1,4 @@
-"""Gradients of gradients (gradient penalties, Hessian-vector products).
+"""Gradients of gradients (gradient penalties, Hessian-vector products, forward mode).
 
 Our kernels' hand-derived first-order gradients treat the batch statistics as
 constants; differentiating them again must still see how the statistics depend
@@ -10,9 +10,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 import kerasbn
 from kerasbn import kernels
+from kerasbn.kernels.compile import kernel as compile_kernel
 from references import central_differences
 
 
@@ -189,3 +191,87 @@ def test_synchronized_second_order_raises(rng):
             loss = tf.reduce_sum(tf.sin(y))
         with pytest.raises(NotImplementedError, match="synchronized=True"):
             inner.gradient(loss, x)
+
+
+def forward_over_backward_hvp(layer, x, weight, tangent):
+    """H·v of L = Σ weight · sin(layer(x)), a forward accumulator over a tape."""
+    with tf.autodiff.ForwardAccumulator(x, tangent) as accumulator:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(weight * tf.sin(layer(x, training=True)))
+        gradient = tape.gradient(loss, x)
+    return accumulator.jvp(gradient).numpy()
+
+
+def keras_hvp_by_differences(layer, x, weight, tangent, step=1e-5):
+    """H·v by central differences of the Keras layer's first-order gradient.
+
+    Keras' layers are not a reference for H·v itself: `tf.nn.moments` stops
+    the gradient of the mean inside the variance, which is exact to first
+    order only (the error vanishes along directions v that sum to zero).
+    Weights are restored before each call (training updates the statistics).
+    """
+    saved = [w.numpy() for w in layer.weights]
+
+    def gradient(point):
+        for variable, value in zip(layer.weights, saved):
+            variable.assign(value)
+        with tf.GradientTape() as tape:
+            tape.watch(point)
+            loss = tf.reduce_sum(weight * tf.sin(layer(point, training=True)))
+        return tape.gradient(loss, point).numpy()
+
+    return (gradient(x + step * tangent) - gradient(x - step * tangent)) / (2 * step)
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_forward_over_backward_hessian_vector_product(name, rng):
+    make_ours, make_theirs = PAIRS[name]
+    ours, theirs = make_ours(True), make_theirs()
+    shape = (3, 4, 4, 4)
+    set_same_weights(ours, theirs, shape, rng)
+    if name == "BatchRenorm":
+        # Differences of the gradient would also move r and d, which the
+        # gradient treats as constants: make both clip in every channel.
+        for layer in (ours, theirs):
+            layer.renorm_stddev.assign(np.full(4, 0.05))
+            layer.renorm_mean.assign(np.full(4, -50.0))
+    x = tf.constant(rng.normal(2.0, 3.0, shape))
+    weight, tangent = tf.constant(rng.normal(size=shape)), tf.constant(rng.normal(size=shape))
+    expected = keras_hvp_by_differences(theirs, x, weight, tangent)
+    got = forward_over_backward_hvp(ours, x, weight, tangent)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert np.abs(expected).max() > 0.1
+
+
+def test_backward_traced_while_taping_is_paused_still_differentiates(rng):
+    # A fresh kernel whose backward program is first traced with the thread's
+    # taping stopped (as inside a forward accumulator's JVP computation): its
+    # gradients then, and ever after, must be right, not None.
+    fresh = compile_kernel(kernels.batch_norm_train.fn)
+    x = tf.constant(rng.normal(size=(6, 3)))
+    weight = tf.constant(rng.normal(size=(6, 3)))
+    gamma, beta = tf.constant([1.0, 2.0, 0.5], tf.float64), tf.zeros(3, tf.float64)
+    statistics = tf.zeros(3, tf.float64), tf.ones(3, tf.float64)
+
+    def gradient(paused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _, _ = fresh(x, gamma, beta, *statistics, momentum=0.9, epsilon=1e-3, feature_axes=(1,))
+            loss = tf.reduce_sum(weight * y)
+        if paused:
+            with record.stop_recording():
+                return tape.gradient(loss, x)
+        return tape.gradient(loss, x)
+
+    reference = keras.layers.BatchNormalization(epsilon=1e-3, dtype="float64")
+    reference.build((6, 3))
+    reference.gamma.assign(gamma)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(weight * reference(x, training=True))
+    expected = tape.gradient(loss, x).numpy()
+    for paused in (True, False):
+        got = gradient(paused)
+        assert got is not None
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-9)

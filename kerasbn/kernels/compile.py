@@ -22,18 +22,20 @@ programs are inlined into one and fused as before.
 
 Second-order gradients (a gradient penalty, Hessian-vector products): the
 backward program takes the statistics as constants, so differentiating it
-again would miss how they depend on `x`. When a tape records the backward
-call, that call gets its own gradient: TensorFlow's autodiff of the kernel run
-in `differentiable_statistics()` mode, where the statistics are ordinary
-differentiable functions of `x` and no hand-derived gradient is used. Plain
-training never takes this path.
+again would miss how they depend on `x`. When a tape or a forward accumulator
+records the gradient computation itself, the gradient is instead TensorFlow's
+autodiff of the kernel built in `differentiable_statistics()` mode, where the
+statistics are ordinary differentiable functions of `x` and no hand-derived
+gradient is used; the recording then differentiates it exactly, to any order.
+Plain training never takes this path.
 """
 
 import contextlib
 import threading
 
 import tensorflow as tf
-from tensorflow.python.eager import record
+from tensorflow.python.eager import forwardprop_util, record
+from tensorflow.python.ops import gradients_util
 
 _state = threading.local()
 
@@ -169,10 +171,11 @@ def _backward_program(fn):
     def backward(args, kwargs, residuals, upstream):
         sources = [v for v in tf.nest.flatten((args, kwargs)) if _differentiable(v)]
         with _residual_scope(residuals):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(sources)
-                outputs = fn(*args, **kwargs)
-        return tape.gradient(tf.nest.flatten(outputs), sources, output_gradients=upstream)
+            outputs = fn(*args, **kwargs)
+        # Symbolic gradients, not a tape: a tape records nothing when this
+        # function is first traced while the thread's taping is paused (as
+        # inside a ForwardAccumulator), and the trace would be reused.
+        return tf.gradients(tf.nest.flatten(outputs), sources, grad_ys=upstream)
 
     backward.__name__ = f"backward_{fn.__name__}"
     return backward
@@ -186,29 +189,23 @@ def _with_sources(args, kwargs, positions, sources):
     return tf.nest.pack_sequence_as((args, kwargs), flat)
 
 
-def _exact_gradients(fn, args, kwargs, positions, sources, upstream, cotangents):
-    """Vector-Jacobian product of `fn`'s gradient, by autodiff to second order.
+def _autodiff_gradients(fn, args, kwargs, positions, sources, upstream):
+    """`fn`'s vector-Jacobian product by TensorFlow's autodiff, as recordable ops.
 
-    The gradient is `g(sources, upstream) = J_fn(sources)ᵀ upstream`; returns
-    `∂⟨g, cotangents⟩ / ∂(sources, upstream)`, with `fn` built in
-    `differentiable_statistics()` mode.
+    `fn` is built in `differentiable_statistics()` mode, so every op from the
+    sources to the gradients is an ordinary differentiable op: a tape or a
+    forward accumulator recording this computation differentiates it exactly.
     """
-    zero = tf.UnconnectedGradients.ZERO
-    with tf.GradientTape(watch_accessed_variables=False) as outer:
-        outer.watch(list(sources) + list(upstream))
-        with differentiable_statistics():
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(sources)
-                call_args, call_kwargs = _with_sources(args, kwargs, positions, sources)
-                outputs = fn(*call_args, **call_kwargs)
-        gradients = inner.gradient(
-            tf.nest.flatten(outputs), sources, output_gradients=upstream, unconnected_gradients=zero
-        )
-    return outer.gradient(
-        gradients,
-        list(sources) + list(upstream),
-        output_gradients=cotangents,
-        unconnected_gradients=zero,
+    with differentiable_statistics():
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(sources)
+            call_args, call_kwargs = _with_sources(args, kwargs, positions, sources)
+            outputs = fn(*call_args, **call_kwargs)
+    return tape.gradient(
+        tf.nest.flatten(outputs),
+        list(sources),
+        output_gradients=list(upstream),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
 
 
@@ -232,6 +229,11 @@ class Compiled:
         flat = tf.nest.flatten((args, kwargs))
         positions = [i for i, value in enumerate(flat) if _differentiable(value)]
         sources = [flat[i] for i in positions]
+        if sources and forwardprop_util.pack_tangents(sources).indices:
+            # Under a forward accumulator (JVPs, forward-over-backward
+            # Hessian-vector products): plain differentiable ops throughout.
+            with differentiable_statistics():
+                return self._fn(*args, **kwargs)
         if not sources or not record.should_record_backprop(sources):
             outputs, _ = self._forward(*args, **kwargs)
             return outputs
@@ -261,34 +263,15 @@ class Compiled:
         return run(*sources)
 
     def _gradients(self, args, kwargs, positions, sources, residuals, upstream):
-        """The backward program's gradients; exactly differentiable when recorded."""
-        if not record.should_record_backprop(list(sources) + list(upstream)):
+        """The backward program's gradients; exactly differentiable when recorded.
+
+        Recorded means watched by a gradient tape or a forward accumulator
+        (forward-over-backward Hessian-vector products).
+        """
+        watched = gradients_util.PossibleTapeGradientTypes(list(sources) + list(upstream))
+        if watched == gradients_util.POSSIBLE_GRADIENT_TYPES_NONE:
             return list(self._backward(args, kwargs, residuals, upstream))
-        count = len(sources)
-
-        @tf.custom_gradient
-        def gradients(*inputs):
-            stopped = [tf.stop_gradient(value) for value in inputs]
-            stopped_args, stopped_kwargs = _with_sources(args, kwargs, positions, stopped[:count])
-            grads = self._backward(stopped_args, stopped_kwargs, residuals, stopped[count:])
-            grads = [
-                tf.zeros_like(source) if g is None else g for g, source in zip(grads, stopped)
-            ]
-
-            def second_order(*cotangents, variables=None):
-                cotangents = [
-                    tf.zeros_like(g) if c is None else c for c, g in zip(cotangents, grads)
-                ]
-                result = _exact_gradients(
-                    self._fn, args, kwargs, positions, inputs[:count], inputs[count:], cotangents
-                )
-                if variables:
-                    return result, [None] * len(variables)
-                return result
-
-            return grads, second_order
-
-        return list(gradients(*sources, *upstream))
+        return _autodiff_gradients(self._fn, args, kwargs, positions, sources, upstream)
 
     def experimental_get_tracing_count(self):
         """Traces so far of the forward and backward programs, over all ranks."""
