@@ -77,6 +77,25 @@ def test_in_memory_list_feeds_a_multi_input_model(rng):
     assert_exact(model, "bn", x)
 
 
+def test_list_of_batches_for_a_single_input_model(rng):
+    # A list of arrays is batches unless the model has that many inputs;
+    # the last batch may be smaller.
+    x = rng.normal(3.0, 2.0, (40, 3)).astype("float32")
+    for batches in ([x[:16], x[16:32], x[32:]], [tf.constant(x[i : i + 10]) for i in range(0, 40, 10)]):
+        model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(name="bn")])
+        (report,) = kerasbn.recalibrate(model, batches, verbose=0)
+        assert report.count == 40
+        assert_exact(model, "bn", x)
+
+
+def test_in_memory_y_may_be_a_list_of_numbers(rng):
+    x = rng.normal(3.0, 2.0, (12, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(name="bn")])
+    (report,) = kerasbn.recalibrate(model, (x, list(range(12))), batch_size=5, verbose=0)
+    assert report.count == 12
+    assert_exact(model, "bn", x)
+
+
 def test_in_memory_arrays_of_different_lengths_are_refused(rng):
     x = rng.normal(size=(64, 3)).astype("float32")
     model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])

@@ -1,6 +1,7 @@
 """Turning the `data` argument of `recalibrate` into repeatable passes of batches."""
 
 import collections.abc
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -19,14 +20,15 @@ class BatchSource:
     Accepts a `tf.data.Dataset` (already batched); data in memory as Keras'
     `fit` takes it, split into batches of `batch_size`: `x`, or a tuple
     `(x,)`, `(x, y)` or `(x, y, sample_weight)`, where `x` is an array or tensor,
-    a dict of them, or a list of them (one per input of a multi-input model);
-    a `keras.utils.PyDataset` or other indexable sequence of batches; or an
+    a dict of them, or, for a model with `input_count` > 1 inputs, a list of
+    exactly that many; a `keras.utils.PyDataset` or other indexable sequence of
+    batches (a list of arrays for a single-input model); or an
     iterator/generator of batches. An iterator can only be consumed once: the
     batches drawn from it are kept in memory so that later passes see the same
     ones.
     """
 
-    def __init__(self, data, steps=None, batch_size=32):
+    def __init__(self, data, steps=None, batch_size=32, input_count=1):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"Argument `steps` must be None or a positive int. Received: steps={steps!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -43,8 +45,8 @@ class BatchSource:
             self._passes = lambda: iter(data)
             known = int(data.cardinality())
             self.length = known if known >= 0 else None
-        elif _in_memory_inputs(data) is not None:
-            inputs = _in_memory_inputs(data)
+        elif _in_memory_inputs(data, input_count) is not None:
+            inputs = _in_memory_inputs(data, input_count)
             _check_same_length(data)
             # A list stays a list of inputs (from_tensor_slices would stack it).
             slices = tuple(inputs) if isinstance(inputs, list) else inputs
@@ -99,32 +101,63 @@ def _is_array(value):
     return isinstance(value, np.ndarray) or tf.is_tensor(value)
 
 
-def _is_inputs(value):
-    """An array, or a non-empty dict or list of arrays: the `x` of Keras' `fit`."""
+def _is_inputs(value, input_count):
+    """The `x` of Keras' `fit` for a model with `input_count` inputs.
+
+    An array, a non-empty dict of arrays, or a list of exactly `input_count`
+    arrays when the model has several inputs (for one input, a list of arrays
+    is a sequence of batches).
+    """
     if _is_array(value):
         return True
-    if isinstance(value, (dict, list)) and value:
-        parts = value.values() if isinstance(value, dict) else value
-        return all(_is_array(part) for part in parts)
+    if isinstance(value, dict) and value:
+        return all(_is_array(part) for part in value.values())
+    if isinstance(value, list) and input_count > 1 and len(value) == input_count:
+        return all(_is_array(part) for part in value)
     return False
 
 
-def _in_memory_inputs(data):
+def _is_target(value):
+    """A `y` or `sample_weight` in memory: None, arrays, or a list of numbers."""
+    if value is None or _is_array(value):
+        return True
+    if isinstance(value, (dict, list)) and value:
+        parts = value.values() if isinstance(value, dict) else value
+        if all(_is_array(part) for part in parts):
+            return True
+        return isinstance(value, list) and all(isinstance(part, numbers.Number) for part in value)
+    return False
+
+
+def _in_memory_inputs(data, input_count):
     """`x` when `data` is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` in memory, else None."""
-    if _is_inputs(data):
+    if _is_inputs(data, input_count):
         return data
     if (
         isinstance(data, tuple)
         and 1 <= len(data) <= 3
-        and _is_inputs(data[0])
-        and all(part is None or _is_inputs(part) for part in data[1:])
+        and _is_inputs(data[0], input_count)
+        and all(_is_target(part) for part in data[1:])
     ):
         return data[0]
     return None
 
 
+def _length(part):
+    return len(part) if isinstance(part, list) else int(part.shape[0])
+
+
 def _check_same_length(data):
-    lengths = {int(array.shape[0]) for array in tf.nest.flatten(data) if array is not None}
+    parts = list(data) if isinstance(data, tuple) else [data]
+    arrays = []
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, list) and not all(_is_array(item) for item in part):
+            arrays.append(part)  # a list of numbers
+        else:
+            arrays.extend(tf.nest.flatten(part))
+    lengths = {_length(array) for array in arrays}
     if len(lengths) > 1:
         raise ValueError(
             "Argument `data` holds arrays of different lengths (first dimensions "

@@ -75,13 +75,15 @@ def recalibrate(model, data, steps=None, *, batch_size=32, verbose=1):
       model: a built Keras model. `ValueError` if unbuilt or without
         normalization layers.
       data: a batched `tf.data.Dataset`; arrays in memory as `fit` takes them
-        (`x`, `(x, y)` or `(x, y, sample_weight)`, with `x` an array or a dict
-        or list of arrays for a multi-input model; split into batches of
-        `batch_size`, `y` and the weights unused; `ValueError` if their lengths
-        differ); a `keras.utils.PyDataset` or sequence of batches; or an
-        iterator of batches (kept in memory, so every pass sees the same ones).
-        Batch elements may be `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`.
-        `TypeError` for anything else.
+        (`x`, `(x, y)` or `(x, y, sample_weight)`, with `x` an array, a dict of
+        arrays, or a list of one array per input of a multi-input model; split
+        into batches of `batch_size`, `y` and the weights unused; `ValueError`
+        if their lengths differ; a tuple is always read this way); a
+        `keras.utils.PyDataset` or other sequence of batches (for a
+        single-input model, a list of arrays is one); or an iterator of batches
+        (kept in memory, so every pass sees the same ones). Batch elements may
+        be `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`. `TypeError` for
+        anything else.
       steps: None (default, all of `data`) or the number of batches per pass;
         required for an infinite dataset. `ValueError` if not a positive int.
       batch_size: int, default 32, for NumPy arrays only.
@@ -97,7 +99,7 @@ def recalibrate(model, data, steps=None, *, batch_size=32, verbose=1):
         raise ValueError(
             f"Argument `model` ({model.name!r}) has no BatchNorm, BatchRenorm or BatchNormalization layer."
         )
-    source = BatchSource(data, steps, batch_size)
+    source = BatchSource(data, steps, batch_size, input_count=_input_count(model))
     probe = _Probe(layers)
     with probe.installed():
         first = next(iter(source.batches()), None)
@@ -218,3 +220,11 @@ def _write_back(layer, moments, level):
         mean=mean,
         variance=variance,
     )
+
+
+def _input_count(model):
+    """How many inputs `model` takes (1 when it does not say, as a subclassed model)."""
+    try:
+        return max(len(model.inputs), 1)
+    except (AttributeError, ValueError, TypeError):
+        return 1
