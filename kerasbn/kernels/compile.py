@@ -15,9 +15,9 @@ a gradient tape is recording, a kernel call is wrapped in a `tf.custom_gradient`
 at the caller's level: the forward program is called on gradient-stopped inputs
 (so the tape records nothing inside it) and returns, besides its outputs, the
 small intermediates marked with `residual()` (the batch statistics); the
-backward program re-traces the kernel under a tape with those residuals fed
-back in, so the statistics are not recomputed (XLA drops the dead forward
-work), and takes `x` from the caller. Inside an outer XLA-compiled step both
+backward program re-traces the kernel with those residuals fed back in and
+takes its symbolic gradient (`tf.gradients`), so the statistics are not
+recomputed (XLA drops the dead forward work), and takes `x` from the caller. Inside an outer XLA-compiled step both
 programs are inlined into one and fused as before.
 
 Second-order gradients (a gradient penalty, Hessian-vector products): the
@@ -265,8 +265,8 @@ class Compiled:
     def _gradients(self, args, kwargs, positions, sources, residuals, upstream):
         """The backward program's gradients; exactly differentiable when recorded.
 
-        Recorded means watched by a gradient tape or a forward accumulator
-        (forward-over-backward Hessian-vector products).
+        Recorded means that a gradient tape (or a forward accumulator started
+        after the forward pass) watches the sources or the upstream gradients.
         """
         watched = gradients_util.PossibleTapeGradientTypes(list(sources) + list(upstream))
         if watched == gradients_util.POSSIBLE_GRADIENT_TYPES_NONE:

@@ -84,14 +84,17 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
     mean, variance, count = moments(grouped, axes, mask)
     inv_std = tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
     divisor = tf.maximum(count, 1.0)
+
+    def normalized(grouped, gamma, beta):
+        # One fused pass: (x - μ) (γ / σ) + β with the factor per sample and channel.
+        return (grouped - mean) * (gamma * inv_std) + beta
+
     if statistics_are_differentiable():  # for a gradient of the gradient
-        y = (grouped - mean) * (gamma * inv_std) + beta
-        return tf.reshape(y, original_shape)
+        return tf.reshape(normalized(grouped, gamma, beta), original_shape)
 
     @tf.custom_gradient
     def forward(grouped, gamma, beta):
-        # One fused pass: (x - μ) (γ / σ) + β with the factor per sample and channel.
-        y = (grouped - mean) * (gamma * inv_std) + beta
+        y = normalized(grouped, gamma, beta)
 
         def grad(dy):
             # Per sample and channel, over the other axes (one pass over dy

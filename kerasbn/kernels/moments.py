@@ -233,7 +233,7 @@ def moments(x, axes, mask=None):
         mean = sum_over(tf.where(mask, x, zeros), axes) / divisor
         deviation = tf.where(mask, tf.square(x - mean), zeros)
     variance = sum_over(deviation, axes) / divisor
-    # Saved by a kernel's forward program for its backward (see `compile.py`).
     if differentiable:
-        return mean, variance, tf.stop_gradient(count)
+        return mean, variance, count  # the count never depends on x's values
+    # Saved by a kernel's forward program for its backward (see `compile.py`).
     return tuple(residual(tf.stop_gradient(t)) for t in (mean, variance, count))

@@ -37,6 +37,7 @@ class BatchSource:
             )
         self.steps = steps
         self._kept = []
+        inputs = _in_memory_inputs(data, input_count)
         if isinstance(data, tf.data.Dataset):
             if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
                 raise ValueError(
@@ -45,8 +46,7 @@ class BatchSource:
             self._passes = lambda: iter(data)
             known = int(data.cardinality())
             self.length = known if known >= 0 else None
-        elif _in_memory_inputs(data, input_count) is not None:
-            inputs = _in_memory_inputs(data, input_count)
+        elif inputs is not None:
             _check_same_length(data)
             # A list stays a list of inputs (from_tensor_slices would stack it).
             slices = tuple(inputs) if isinstance(inputs, list) else inputs
