@@ -1,0 +1,194 @@
+"""Rebuilding a Functional or Sequential model with some of its layers replaced.
+
+`Rebuilder` clones a model layer by layer (nested Functional and Sequential
+models included, each rebuilt the same way) through
+`keras.models.clone_model`, copies every weight into the new layers, and
+restores the `trainable` flags. Subclasses say what changes: which layers are
+replaced and by what (`replace`), how weights move into a replacement
+(`transfer_weights`), which layer calls disappear from a graph because they
+were fused into the layer before (`calls_to_remove`), and which new layers
+follow a replacement (`layers_after`).
+"""
+
+import keras
+
+from kerasbn.conversion import keras_graph
+
+
+class _Removed:
+    """Stands in the rebuilt graph for a layer whose call is removed (fused away)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+class Rebuilder:
+    """Rebuilds a model; override the hooks to replace layers.
+
+    Call the instance on a model: `new_model = rebuilder(model)`. One instance
+    rebuilds one model.
+    """
+
+    # -- hooks -------------------------------------------------------------
+
+    def replace(self, layer):
+        """A new, unbuilt layer to use instead of `layer`, or None to copy it."""
+        return None
+
+    def changes(self, layer):
+        """Whether this rebuild would replace or alter `layer` (nested layers are checked)."""
+        return False
+
+    def transfer_weights(self, original, clone):
+        """Copies `original`'s weights into `clone` (built). Default: same list."""
+        clone.set_weights(original.get_weights())
+
+    def trainable(self, original, clone):
+        """The `trainable` flag of `clone`. Default: `original`'s."""
+        return original.trainable
+
+    def calls_to_remove(self, model):
+        """Layers of `model`'s own graph whose call is dropped: their output is their input."""
+        return ()
+
+    def layers_after(self, original, clone):
+        """New layers to call, in order, on `clone`'s output."""
+        return []
+
+    # -- the rebuild --------------------------------------------------------
+
+    def __init__(self):
+        self._clones = {}  # id(original layer) -> clone
+        self._originals = {}  # id(clone) -> original layer
+        self._followers = {}  # id(clone) -> layers called after it
+        self._removed = set()  # ids of original layers whose call is dropped
+        self._leaves = []  # (original, clone) for every copied or replaced layer
+        self._models = []  # (original, clone) for every rebuilt model, inner first
+
+    def __call__(self, model):
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"Argument `model` must be a Keras 3 `keras.Model`. Received: model={model!r}"
+            )
+        if not keras_graph.is_graph_model(model):
+            raise _subclassed_model_error(model, inside=None)
+        rebuilt = self._rebuild_model(model)
+        for original, clone in self._leaves:
+            self.transfer_weights(original, clone)
+        # Setting a model's flag sets its layers' flags: models outermost first, then layers.
+        for original, clone in reversed(self._models):
+            clone.trainable = original.trainable
+        for original, clone in self._leaves:
+            clone.trainable = self.trainable(original, clone)
+        return rebuilt
+
+    def _rebuild_model(self, model):
+        self._removed.update(id(layer) for layer in self.calls_to_remove(model))
+        if keras_graph.is_functional(model):
+            rebuilt = keras.models.clone_model(
+                model,
+                input_tensors=keras.tree.map_structure(_new_input, model.input),
+                clone_function=self._clone,
+                call_function=self._call,
+            )
+        else:
+            rebuilt = self._rebuild_sequential(model)
+        self._models.append((model, rebuilt))
+        return rebuilt
+
+    def _rebuild_sequential(self, model):
+        input_layer = keras_graph.sequential_input_layer(model)
+        if input_layer is None:
+            raise ValueError(
+                f"The Sequential model '{model.name}' is not built, so its layers have no "
+                "weights to carry over. Build it first (start it with `keras.Input(shape)`, "
+                "call `model.build(input_shape)`, or call it on data)."
+            )
+        layers = [_new_input(input_layer.output)]
+        for layer in model.layers:
+            clone = self._clone(layer)
+            if not isinstance(clone, _Removed):
+                layers.append(clone)
+                layers.extend(self._layers_after(clone))
+        rebuilt = keras.Sequential(layers, name=model.name, trainable=model.trainable)
+        if model.compiled:
+            rebuilt.compile_from_config(model.get_compile_config())
+        return rebuilt
+
+    def _clone(self, layer):
+        if id(layer) in self._clones:
+            return self._clones[id(layer)]
+        if id(layer) in self._removed:
+            clone = _Removed(layer)
+        elif keras_graph.is_graph_model(layer):
+            clone = self._rebuild_model(layer)
+        else:
+            clone = self._clone_leaf(layer)
+        self._clones[id(layer)] = clone
+        self._originals[id(clone)] = layer
+        return clone
+
+    def _clone_leaf(self, layer):
+        if isinstance(layer, keras.layers.Layer):
+            hidden = [inner for inner in keras_graph.nested_layers(layer) if self.changes(inner)]
+            if hidden and isinstance(layer, keras.Model):
+                raise _subclassed_model_error(layer, inside=hidden[0])
+            if hidden:
+                raise ValueError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) contains the layer "
+                    f"'{hidden[0].name}' ({type(hidden[0]).__name__}), which cannot be "
+                    "reached: only the layers of Functional and Sequential models (nested "
+                    "ones included) are converted, not the layers inside other layers "
+                    "(wrappers such as TimeDistributed, custom layers)."
+                )
+        clone = self.replace(layer)
+        if clone is None:
+            clone = layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, keras.layers.Layer):
+            self._leaves.append((layer, clone))
+        return clone
+
+    def _call(self, clone, *args, **kwargs):
+        if isinstance(clone, _Removed):
+            (inputs,) = args
+            return inputs
+        if "mask" in kwargs and kwargs["mask"] is None:
+            # Recorded by Keras for layers whose `call` takes a mask; meaningless
+            # (Keras reads masks off the inputs) and an error for a replacement
+            # without one, e.g. keras.layers.GroupNormalization.
+            del kwargs["mask"]
+        outputs = clone(*args, **kwargs)
+        for layer in self._layers_after(clone):
+            outputs = layer(outputs)
+        return outputs
+
+    def _layers_after(self, clone):
+        if id(clone) not in self._followers:
+            original = self._originals[id(clone)]
+            self._followers[id(clone)] = list(self.layers_after(original, clone))
+        return self._followers[id(clone)]
+
+
+def _new_input(tensor):
+    """A new `keras.Input` like the model input `tensor`, named after its InputLayer.
+
+    (`clone_model` would name it after the symbolic tensor, `keras_tensor_<n>`.)
+    """
+    layer = keras_graph.input_layer_of(tensor)
+    return keras.Input(
+        batch_shape=tensor.shape,
+        dtype=tensor.dtype,
+        sparse=tensor.sparse,
+        name=layer.name,
+        optional=layer.optional,
+    )
+
+
+def _subclassed_model_error(model, inside):
+    where = "" if inside is None else f" It contains the layer '{inside.name}' to convert."
+    return ValueError(
+        f"Model '{model.name}' ({type(model).__name__}) is a subclassed model: its layer graph "
+        "is defined by Python code, so it cannot be rebuilt with other layers." + where +
+        " Only Functional and Sequential models (and such models nested in them) can be "
+        "converted; replace the layers in the model's own code instead."
+    )
