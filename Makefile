@@ -15,8 +15,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
-# Reinstall whenever the metadata or the pinned versions change.
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
+# Reinstall whenever the metadata, the version or the pinned versions change.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt kerasbn/_version.py
 	$(BIN)/python -m pip install -c constraints.txt -e ".[test,demo,tutorials]"
 	touch $(STAMP)
 
