@@ -15,8 +15,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
-# Reinstall whenever the metadata or the pinned versions change.
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
+# Reinstall whenever the metadata, the version or the pinned versions change.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt kerasbn/_version.py
 	$(BIN)/python -m pip install -c constraints.txt -e ".[test,demo,tutorials]"
 	touch $(STAMP)
 
@@ -33,3 +33,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The wheel and sdist as users get them: built, their file lists checked, and the
+# wheel installed in a bare venv (runtime dependencies only) where the README
+# quickstart runs outside the source tree.
+.PHONY: wheel-check
+wheel-check: $(STAMP)
+	rm -rf dist kerasbn.egg-info  # a stale egg-info's file list would leak into the sdist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python tools/check_dist.py dist
+	$(BIN)/python tools/quickstart_from_wheel.py dist

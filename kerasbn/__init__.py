@@ -12,8 +12,7 @@ from kerasbn.export import export_for_serving  # noqa: E402
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm  # noqa: E402
 from kerasbn.recalibration import LayerReport, recalibrate  # noqa: E402
 from kerasbn.schedules import LinearRamp, paper_renorm_clipping  # noqa: E402
-
-__version__ = "0.1.0"
+from kerasbn._version import __version__  # noqa: E402
 
 __all__ = [
     "BatchNorm",

@@ -5,7 +5,9 @@ ones too, with `recursive=True`) layer by layer through a `clone_function`:
 
 - a producer that absorbs a batch norm is rebuilt from its config with
   `use_bias=True` and receives the folded kernel and bias;
-- the batch norm becomes a `FoldedAway` identity layer of the same name;
+- the batch norm becomes a `FoldedAway` layer of the same name: the identity,
+  or the batch norm's fused activation (the activation stays; only the
+  normalization folds away);
 - every other layer is rebuilt from its config and receives the original's
   weights (a layer that cannot be rebuilt from its config is shared instead).
 
@@ -49,18 +51,22 @@ def _producer_with_bias(layer):
 
 
 class FoldedAway(keras.layers.Layer):
-    """Stands for a batch norm folded into the layer before it: the identity.
+    """Stands for a batch norm folded into the layer before it.
 
-    Accepts the `training` and `mask` arguments a batch norm is called with,
-    and passes the mask through.
+    The identity, or `keras.activations.get(activation)` for a batch norm with
+    a fused activation. Accepts the `training` and `mask` arguments a batch
+    norm is called with, and passes the mask through.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, activation=None, **kwargs):
         super().__init__(**kwargs)
         self.supports_masking = True
+        self.activation = activation
 
     def call(self, inputs, training=None, mask=None):
-        return inputs
+        if self.activation is None:
+            return inputs
+        return keras.activations.get(self.activation)(inputs)
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -69,8 +75,9 @@ class FoldedAway(keras.layers.Layer):
         return input_shape
 
 
-def _identity_for(layer):
-    return FoldedAway(name=layer.name, dtype=layer.dtype_policy)
+def _replacement_for(layer):
+    activation = getattr(layer, "activation", None)
+    return FoldedAway(activation=activation, name=layer.name, dtype=layer.dtype_policy)
 
 
 class _Cloner:
@@ -84,7 +91,7 @@ class _Cloner:
 
     def __call__(self, layer):
         if id(layer) in self.normalizations:
-            return _identity_for(layer)
+            return _replacement_for(layer)
         if id(layer) in self.producers:
             clone = _producer_with_bias(layer)
             self.folded.append((self.producers[id(layer)], clone))

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from kerasbn.kernels.activations import activate
 from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
 from kerasbn.kernels.compile import kernel
 from kerasbn.kernels.moments import moments
@@ -53,7 +54,17 @@ def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
 
 @kernel
 def batch_norm_train(
-    x, gamma, beta, moving_mean, moving_variance, mask=None, *, momentum, epsilon, feature_axes
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    mask=None,
+    *,
+    momentum,
+    epsilon,
+    feature_axes,
+    activation=None,
 ):
     """One training step of batch normalisation.
 
@@ -65,6 +76,8 @@ def batch_norm_train(
       mask: optional boolean tensor of `x`'s shape without the feature axes.
       momentum, epsilon: Python floats.
       feature_axes: sorted tuple of non-negative feature axes.
+      activation: None, or the name of a fused activation applied to the
+        normalized output (`activations.ACTIVATIONS`).
 
     Returns:
       `(y, new_moving_mean, new_moving_variance)`. The moving statistics follow
@@ -75,7 +88,16 @@ def batch_norm_train(
     mean, variance, count, axes, mask = batch_moments(x, feature_axes, mask)
     gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, tf.shape(moving_mean))
     y = normalize_with_batch_statistics(
-        x, gamma_b, beta_b, mean, variance, count, epsilon=epsilon, axes=axes, mask=mask
+        x,
+        gamma_b,
+        beta_b,
+        mean,
+        variance,
+        count,
+        epsilon=epsilon,
+        axes=axes,
+        mask=mask,
+        activation=activation,
     )
     new_mean, new_variance = updated_moving_statistics(
         moving_mean, moving_variance, mean, variance, count, momentum
@@ -104,11 +126,14 @@ def updated_moving_statistics(moving_mean, moving_variance, mean, variance, coun
 
 
 @kernel
-def batch_norm_inference(x, gamma, beta, mean, variance, *, epsilon, feature_axes):
+def batch_norm_inference(
+    x, gamma, beta, mean, variance, *, epsilon, feature_axes, activation=None
+):
     """Normalises `x` with given (moving) statistics: one fused pass.
 
-    `y = x * scale + shift` with `scale = γ / sqrt(var + ε)` and
-    `shift = β - mean * scale`, computed per feature first.
+    `y = f(x * scale + shift)` with `scale = γ / sqrt(var + ε)` and
+    `shift = β - mean * scale`, computed per feature first, and `f` the fused
+    activation (the identity when `activation` is None).
     """
     rank = x.shape.rank
     scale = tf.math.rsqrt(variance + epsilon)
@@ -117,4 +142,5 @@ def batch_norm_inference(x, gamma, beta, mean, variance, *, epsilon, feature_axe
     shift = -mean * scale
     if beta is not None:
         shift = shift + beta
-    return x * to_broadcast(scale, rank, feature_axes) + to_broadcast(shift, rank, feature_axes)
+    z = x * to_broadcast(scale, rank, feature_axes) + to_broadcast(shift, rank, feature_axes)
+    return activate(z, activation)

@@ -81,6 +81,7 @@ def batch_renorm_step(
     feature_axes,
     combine=None,
     all_reduce=None,
+    activation=None,
 ):
     """One training step of batch renormalisation.
 
@@ -100,6 +101,8 @@ def batch_renorm_step(
         into the global batch's (synchronized training).
       all_reduce: optional callable summing the backward pass's per-feature
         sums over replicas.
+      activation: None, or the name of a fused activation applied to the
+        output (`activations.ACTIVATIONS`).
 
     Returns:
       `(y, new_state)`: the output, and a dict of the new `moving_mean`,
@@ -143,6 +146,7 @@ def batch_renorm_step(
         r=r,
         d=d,
         all_reduce=all_reduce,
+        activation=activation,
     )
     new_state = updated_renorm_statistics(
         state,

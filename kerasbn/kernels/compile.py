@@ -34,8 +34,8 @@ import contextlib
 import threading
 
 import tensorflow as tf
-from tensorflow.python.eager import forwardprop_util, record
-from tensorflow.python.ops import gradients_util
+
+from kerasbn.kernels import tf_internals
 
 _state = threading.local()
 
@@ -229,12 +229,12 @@ class Compiled:
         flat = tf.nest.flatten((args, kwargs))
         positions = [i for i, value in enumerate(flat) if _differentiable(value)]
         sources = [flat[i] for i in positions]
-        if sources and forwardprop_util.pack_tangents(sources).indices:
+        if sources and tf_internals.forward_accumulator_watches(sources):
             # Under a forward accumulator (JVPs, forward-over-backward
             # Hessian-vector products): plain differentiable ops throughout.
             with differentiable_statistics():
                 return self._fn(*args, **kwargs)
-        if not sources or not record.should_record_backprop(sources):
+        if not sources or not tf_internals.gradient_recorded(sources, unknown=True):
             outputs, _ = self._forward(*args, **kwargs)
             return outputs
         return self._call_recorded(args, kwargs, flat, positions, sources)
@@ -268,8 +268,7 @@ class Compiled:
         Recorded means that a gradient tape (or a forward accumulator started
         after the forward pass) watches the sources or the upstream gradients.
         """
-        watched = gradients_util.PossibleTapeGradientTypes(list(sources) + list(upstream))
-        if watched == gradients_util.POSSIBLE_GRADIENT_TYPES_NONE:
+        if not tf_internals.gradient_possibly_watched(list(sources) + list(upstream)):
             return list(self._backward(args, kwargs, residuals, upstream))
         return _autodiff_gradients(self._fn, args, kwargs, positions, sources, upstream)
 

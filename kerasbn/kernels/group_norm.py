@@ -3,7 +3,11 @@
 The channel axis c of `x` is split into (groups, channels per group); each
 sample's group is normalised over its channels and every other non-batch axis:
 
-    x̂ = (x − μ_ng) / sqrt(σ²_ng + ε),    y = γ_c x̂ + β_c
+    x̂ = (x − μ_ng) / sqrt(σ²_ng + ε),    z = γ_c x̂ + β_c,    y = f(z)
+
+with f an optional fused activation (the identity by default; with one, dy
+below stands for dz = dy · f'(z), z recomputed from x inside the passes that
+read x anyway).
 
 Backward, per sample n and group g with N elements, writing g = dy γ_c:
 
@@ -27,6 +31,7 @@ once more for dx.
 
 import tensorflow as tf
 
+from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.compile import kernel, statistics_are_differentiable
 from kerasbn.kernels.moments import moments, sum_over, sum_pair
 
@@ -54,7 +59,7 @@ def group_parameter(param, rank, groups, channel_axis, default, dtype):
 
 
 @kernel
-def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
+def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, activation=None):
     """Group-normalises `x`.
 
     Args:
@@ -65,6 +70,8 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
       groups: Python int dividing the number of channels.
       epsilon: Python float.
       channel_axis: non-negative int.
+      activation: None, or the name of a fused activation applied to the
+        output (`activations.ACTIVATIONS`).
 
     Returns:
       A tensor of `x`'s shape and dtype.
@@ -90,13 +97,15 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis):
         return (grouped - mean) * (gamma * inv_std) + beta
 
     if statistics_are_differentiable():  # for a gradient of the gradient
-        return tf.reshape(normalized(grouped, gamma, beta), original_shape)
+        return tf.reshape(activate(normalized(grouped, gamma, beta), activation), original_shape)
 
     @tf.custom_gradient
     def forward(grouped, gamma, beta):
-        y = normalized(grouped, gamma, beta)
+        y = activate(normalized(grouped, gamma, beta), activation)
 
         def grad(dy):
+            # Through the activation first: dz = dy f'(z).
+            dy = activation_gradient(dy, normalized(grouped, gamma, beta), activation)
             # Per sample and channel, over the other axes (one pass over dy
             # and x; for rank 2 there is nothing to sum and these are dy
             # itself): A = Σ dy, B = Σ dy (x - μ). Every sum the gradient

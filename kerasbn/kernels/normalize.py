@@ -1,8 +1,9 @@
 """Normalisation with batch statistics and its hand-derived gradient.
 
-Forward, per feature:   x̂ = (x - μ_B) / sqrt(σ²_B + ε),   y = γ (r x̂ + d) + β
-where (r, d) are Ioffe's batch-renormalisation corrections (constants for the
-gradient: no gradient flows through them) and r = 1, d = 0 for plain batch norm.
+Forward, per feature:   x̂ = (x - μ_B) / sqrt(σ²_B + ε),   z = γ (r x̂ + d) + β,
+y = f(z), where (r, d) are Ioffe's batch-renormalisation corrections (constants
+for the gradient: no gradient flows through them), r = 1, d = 0 for plain batch
+norm, and f is an optional fused activation (the identity by default).
 
 Backward, with N elements per feature, S1 = Σ dy and S2 = Σ dy x̂ (one pass over
 dy and x):
@@ -14,6 +15,10 @@ unmasked positions, so only they receive the terms through μ_B and σ_B; but ev
 output, masked or not, depends on μ_B and σ_B, so S1 and S2 still sum over all
 positions:
     dx = γ r / sqrt(σ²_B + ε) · (dy - w (S1/N + x̂ S2/N))
+
+With a fused activation, dy below stands for dz = dy · f'(z): z is recomputed
+from x inside the loops that read x anyway, so the activation costs no pass of
+its own.
 
 A feature with no element (empty or fully masked batch) has its inverse standard
 deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
@@ -29,8 +34,9 @@ sums go through `moments.sum_over` (see there why).
 """
 
 import tensorflow as tf
-from tensorflow.python.eager import record
 
+from kerasbn.kernels import tf_internals
+from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.compile import statistics_are_differentiable
 from kerasbn.kernels.moments import sum_pair
 
@@ -40,40 +46,65 @@ def inverse_std(variance, count, epsilon):
     return tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
 
 
-def normalize_forward(x, gamma, beta, mean, inv_std, r=None, d=None):
-    """`γ (r (x - μ) inv_std + d) + β`, one fused pass over `x`.
-
-    All per-feature arguments are shaped to broadcast against `x`.
-    """
+def affine_factors(gamma, beta, inv_std, r=None, d=None):
+    """Per-feature `(scale, shift)` with `γ (r (x - μ) inv_std + d) + β = (x - μ) scale + shift`."""
     # γ (r (x - μ) s + d) + β = (x - μ) (γ r s) + (γ d + β)
     scale = gamma * inv_std if r is None else gamma * r * inv_std
     shift = beta if d is None else gamma * d + beta
-    return (x - mean) * scale + shift
+    return scale, shift
+
+
+def normalize_forward(x, gamma, beta, mean, inv_std, r=None, d=None, activation=None):
+    """`f(γ (r (x - μ) inv_std + d) + β)`, one fused pass over `x`.
+
+    All per-feature arguments are shaped to broadcast against `x`; `activation`
+    is None or a name from `activations.ACTIVATIONS`.
+    """
+    scale, shift = affine_factors(gamma, beta, inv_std, r, d)
+    return activate((x - mean) * scale + shift, activation)
 
 
 def normalize_backward(
-    dy, x, gamma, mean, inv_std, count, *, axes, mask=None, r=None, d=None, all_reduce=None
+    dy,
+    x,
+    gamma,
+    beta,
+    mean,
+    inv_std,
+    count,
+    *,
+    axes,
+    mask=None,
+    r=None,
+    d=None,
+    all_reduce=None,
+    activation=None,
 ):
     """Gradients `(dx, dγ, dβ)` of `normalize_forward` through the batch statistics.
 
     Args:
       dy: gradient of the output, shape of `x`.
-      x, gamma, mean, inv_std, count, r, d: as in the forward (broadcast shape).
+      x, gamma, beta, mean, inv_std, count, r, d: as in the forward (broadcast
+        shape).
       axes: the reduced axes.
       mask: optional boolean tensor broadcastable to `x`.
       all_reduce: optional callable summing a list of tensors over replicas.
+      activation: the fused activation's name, or None.
 
     Returns:
       `dx` (shape of `x`) and `dγ`, `dβ` in broadcast shape.
     """
     divisor = tf.maximum(count, 1.0)
+    scale, shift = affine_factors(gamma, beta, inv_std, r, d)
+    if activation is not None:
+        # dz = dy f'(z), z recomputed from x: XLA fuses it into both passes below.
+        dy = activation_gradient(dy, (x - mean) * scale + shift, activation)
     # S2 = Σ dy x̂ = inv_std Σ dy (x - μ): one multiply per element fewer.
     sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes)
     sum_dy_xhat = sum_dy_centred * inv_std
     global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
     if all_reduce is not None:
         global_dy, global_dy_xhat = all_reduce([sum_dy, sum_dy_xhat])
-    scale = gamma * inv_std if r is None else gamma * r * inv_std
     # scale (dy - S1/N - x̂ S2/N) = dy scale - [(x - μ) a + b],
     # a = scale inv_std S2/N,  b = scale S1/N  (per feature).
     slope = scale * inv_std * (global_dy_xhat / divisor)
@@ -100,8 +131,9 @@ def normalize_with_batch_statistics(
     r=None,
     d=None,
     all_reduce=None,
+    activation=None,
 ):
-    """Returns `γ (r x̂ + d) + β` with a custom gradient.
+    """Returns `f(γ (r x̂ + d) + β)` with a custom gradient.
 
     Args:
       x: float tensor.
@@ -114,6 +146,8 @@ def normalize_with_batch_statistics(
         constants).
       all_reduce: optional callable summing a list of tensors over replicas;
         given when `count`, `mean` and `variance` are global statistics.
+      activation: None, or the name of an activation applied to the result
+        (see `activations.ACTIVATIONS`), fused forward and backward.
 
     Returns:
       The normalised tensor, same shape and dtype as `x`.
@@ -123,14 +157,15 @@ def normalize_with_batch_statistics(
         r = tf.stop_gradient(r)
         d = tf.stop_gradient(d)
     if statistics_are_differentiable():  # for a gradient of the gradient
-        return normalize_forward(x, gamma, beta, mean, inv_std, r, d)
+        return normalize_forward(x, gamma, beta, mean, inv_std, r, d, activation)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
-        y = normalize_forward(x, gamma, beta, mean, inv_std, r, d)
+        y = normalize_forward(x, gamma, beta, mean, inv_std, r, d, activation)
 
         def grad(dy):
-            if all_reduce is not None and record.should_record_backprop([x, dy]):
+            # Without the private API to tell, first-order training must go on.
+            if all_reduce is not None and tf_internals.gradient_recorded([x, dy], unknown=False):
                 raise NotImplementedError(
                     "A gradient of a gradient (gradient penalty, Hessian-vector product) "
                     "through a layer with synchronized=True is not supported: its hand-derived "
@@ -141,6 +176,7 @@ def normalize_with_batch_statistics(
                 dy,
                 x,
                 gamma,
+                beta,
                 mean,
                 inv_std,
                 count,
@@ -149,6 +185,7 @@ def normalize_with_batch_statistics(
                 r=r,
                 d=d,
                 all_reduce=all_reduce,
+                activation=activation,
             )
 
         return y, grad

@@ -74,6 +74,7 @@ def synchronized_batch_norm_train(
     momentum,
     epsilon,
     feature_axes,
+    activation=None,
 ):
     """`batch_norm_train` with the statistics of the global batch.
 
@@ -94,6 +95,7 @@ def synchronized_batch_norm_train(
         axes=axes,
         mask=mask,
         all_reduce=all_reduce,
+        activation=activation,
     )
     new_mean, new_variance = updated_moving_statistics(
         moving_mean, moving_variance, mean, variance, count, momentum
@@ -115,6 +117,7 @@ def synchronized_batch_renorm_train(
     renorm_momentum,
     epsilon,
     feature_axes,
+    activation=None,
 ):
     """`batch_renorm_train` with the statistics of the global batch.
 
@@ -140,4 +143,5 @@ def synchronized_batch_renorm_train(
         feature_axes=feature_axes,
         combine=combine,
         all_reduce=all_reduce,
+        activation=activation,
     )

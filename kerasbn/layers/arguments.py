@@ -7,6 +7,10 @@ argument and the value received.
 import math
 import numbers
 
+import keras
+
+from kerasbn.kernels.activations import ACTIVATIONS
+
 
 def check_axis_argument(axis):
     """`axis` must be an int or a non-empty list/tuple of distinct ints."""
@@ -108,3 +112,40 @@ def check_mask_shape(mask_shape, input_shape, feature_axes):
                 f"without the feature axes). Received: mask.shape={tuple(mask_shape)}, "
                 f"inputs.shape={tuple(input_shape)}"
             )
+
+
+# Names accepted for `activation` besides the canonical ones.
+_ACTIVATION_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
+
+
+def check_activation(activation):
+    """The canonical name of a fusable activation, or None.
+
+    Accepts None, "linear" (None), a name from `kernels.activations.ACTIVATIONS`
+    or an alias ("swish", "hard_swish"), or the Keras activation function of
+    one of those names (`keras.activations.relu`, ...).
+
+    Raises:
+      ValueError: naming `activation`, for anything else (another function, a
+        name Keras has but the kernels cannot fuse, a partial with arguments).
+    """
+    if activation is None:
+        return None
+    supported = ", ".join(repr(name) for name in ACTIVATIONS)
+    if isinstance(activation, str):
+        name = _ACTIVATION_ALIASES.get(activation, activation)
+        if name == "linear":
+            return None
+        if name in ACTIVATIONS:
+            return name
+    elif callable(activation):
+        if activation is keras.activations.linear:
+            return None
+        for name in ACTIVATIONS:
+            if activation is getattr(keras.activations, name, None):
+                return name
+    raise ValueError(
+        f"Argument `activation` must be None, 'linear' or one of {supported} (or "
+        f"'swish', 'hard_swish', or the keras.activations function of one of these "
+        f"names, with its default arguments). Received: activation={activation!r}"
+    )

@@ -64,6 +64,14 @@ class BatchNorm(keras.layers.Layer):
         a strategy it behaves as False. The synchronized step is traced into the
         caller's graph rather than one XLA kernel (collectives cannot run inside
         an XLA cluster on CPU).
+      activation: None (default), or the name of an activation applied to the
+        normalized output and fused into the kernels, forward and backward (no
+        extra pass over memory): "relu", "relu6", "leaky_relu" (slope 0.2),
+        "elu", "gelu" (exact), "silu"/"swish", "hard_silu"/"hard_swish",
+        "sigmoid", "hard_sigmoid", "tanh", "softplus", "mish"; "linear" is
+        None. Each is Keras' `keras.activations` function of that name with its
+        default arguments, which may also be passed. `ValueError` for anything
+        else.
       jit_compile: bool, default True. Run the kernels through XLA. Set False
         to use plain TensorFlow graphs (serving exports do so automatically).
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
@@ -113,6 +121,7 @@ class BatchNorm(keras.layers.Layer):
         beta_constraint=None,
         gamma_constraint=None,
         synchronized=False,
+        activation=None,
         jit_compile=True,
         **kwargs,
     ):
@@ -124,6 +133,7 @@ class BatchNorm(keras.layers.Layer):
         self.momentum = arguments.check_momentum(momentum)
         self.epsilon = arguments.check_epsilon(epsilon)
         self.synchronized = arguments.check_bool(synchronized, "synchronized")
+        self.activation = arguments.check_activation(activation)
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
         set_affine_arguments(
             self,
@@ -183,7 +193,14 @@ class BatchNorm(keras.layers.Layer):
         mean = read_variable(self.moving_mean, x.dtype)
         variance = read_variable(self.moving_variance, x.dtype)
         return kernels.batch_norm_inference.get(self.jit_compile)(
-            x, gamma, beta, mean, variance, epsilon=self.epsilon, feature_axes=self.feature_axes
+            x,
+            gamma,
+            beta,
+            mean,
+            variance,
+            epsilon=self.epsilon,
+            feature_axes=self.feature_axes,
+            activation=self.activation,
         )
 
     def _finish(self, y):
@@ -211,6 +228,7 @@ class BatchNorm(keras.layers.Layer):
             momentum=self.momentum,
             epsilon=self.epsilon,
             feature_axes=self.feature_axes,
+            activation=self.activation,
         )
         self.moving_mean.assign(tf.cast(new_mean, self.moving_mean.dtype))
         self.moving_variance.assign(tf.cast(new_variance, self.moving_variance.dtype))
@@ -229,6 +247,7 @@ class BatchNorm(keras.layers.Layer):
                     self.moving_variance_initializer
                 ),
                 "synchronized": self.synchronized,
+                "activation": self.activation,
                 "jit_compile": self.jit_compile,
             }
         )

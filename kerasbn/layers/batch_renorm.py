@@ -63,7 +63,7 @@ class BatchRenorm(BatchNorm):
         distribution strategy, statistics (and therefore r and d) of the global
         batch.
       Every other argument (`axis`, `momentum`, `epsilon`, `center`, `scale`,
-      initializers, regularizers, constraints, `jit_compile`) is `BatchNorm`'s,
+      initializers, regularizers, constraints, `activation`, `jit_compile`) is `BatchNorm`'s,
       with the same defaults and errors. `moving_variance_initializer` also
       sets `moving_stddev` and `renorm_stddev` (to its square root).
 
@@ -123,6 +123,7 @@ class BatchRenorm(BatchNorm):
             renorm_momentum=self.renorm_momentum,
             epsilon=self.epsilon,
             feature_axes=self.feature_axes,
+            activation=self.activation,
         )
         all_reduce = cross_replica_sum() if self.synchronized else None
         if all_reduce is not None:

@@ -47,6 +47,8 @@ class GroupNorm(keras.layers.Layer):
       gamma_initializer: default "ones".
       beta_regularizer, gamma_regularizer: default None.
       beta_constraint, gamma_constraint: default None.
+      activation: None (default), or an activation fused into the kernel,
+        forward and backward, as for `BatchNorm` (same names, same errors).
       jit_compile: bool, default True. Run the kernel through XLA. Set False to
         use a plain TensorFlow graph (serving exports do so automatically).
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
@@ -79,6 +81,7 @@ class GroupNorm(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        activation=None,
         jit_compile=True,
         **kwargs,
     ):
@@ -91,6 +94,7 @@ class GroupNorm(keras.layers.Layer):
         self.groups = int(groups)
         self.axis = int(axis)
         self.epsilon = arguments.check_epsilon(epsilon)
+        self.activation = arguments.check_activation(activation)
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
         set_affine_arguments(
             self,
@@ -141,6 +145,7 @@ class GroupNorm(keras.layers.Layer):
             groups=self.group_count,
             epsilon=self.epsilon,
             channel_axis=self.channel_axis,
+            activation=self.activation,
         )
         return tf.cast(y, self.compute_dtype)
 
@@ -152,6 +157,7 @@ class GroupNorm(keras.layers.Layer):
                 "axis": self.axis,
                 "epsilon": self.epsilon,
                 **affine_config(self),
+                "activation": self.activation,
                 "jit_compile": self.jit_compile,
             }
         )
