@@ -1,33 +1,14 @@
-"""Which Keras activation layers can be fused into a normalization layer, and back.
+"""Which Keras activation layers can be fused into a normalization layer.
 
-A normalization layer's `activation=` argument takes one of `FUSABLE`: Keras'
-activation function of that name with its default arguments. An activation
-layer fuses only if it computes exactly that function, so the fused model
-gives the same outputs.
+A normalization layer's `activation=` takes Keras' activation function of one
+of the names in `kerasbn.kernels.activations.ACTIVATIONS`, with its default
+arguments. An activation layer fuses only if it computes exactly that
+function, so the fused model gives the same outputs.
 """
 
 import keras
 
-# Canonical names accepted by the layers' `activation=` argument.
-FUSABLE = (
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "elu",
-    "gelu",
-    "silu",
-    "hard_silu",
-    "sigmoid",
-    "hard_sigmoid",
-    "tanh",
-    "mish",
-    "softplus",
-)
-
-
-def _functions_by_identity():
-    # `keras.activations.get("swish")` is `silu` itself, so aliases resolve here.
-    return {keras.activations.get(name): name for name in FUSABLE}
+from kerasbn.layers.arguments import check_activation
 
 
 def fusable_activation(layer):
@@ -35,15 +16,17 @@ def fusable_activation(layer):
 
     Only the exact classes `Activation`, `ReLU`, `LeakyReLU` and `ELU` qualify
     (a subclass may compute something else), and only with arguments that make
-    them one of the `FUSABLE` functions with its defaults: `ReLU` with
-    `max_value` None ("relu") or 6 ("relu6"), `negative_slope` 0 and
-    `threshold` 0; `LeakyReLU` with `negative_slope` 0.2; `ELU` with `alpha` 1.
+    them one of the fusable functions with its default arguments: `Activation`
+    of such a function or name (not "linear": there is nothing to fuse);
+    `ReLU` with `max_value` None ("relu") or 6 ("relu6"), `negative_slope` 0
+    and `threshold` 0; `LeakyReLU` with `negative_slope` 0.2, the default of
+    `keras.activations.leaky_relu` (not the layer's 0.3); `ELU` with `alpha` 1.
     """
     kind = type(layer)
     if kind is keras.layers.Activation:
         try:
-            return _functions_by_identity().get(layer.activation)
-        except TypeError:  # an unhashable callable
+            return check_activation(layer.activation)
+        except ValueError:
             return None
     if kind is keras.layers.ReLU:
         if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
@@ -56,14 +39,3 @@ def fusable_activation(layer):
     if kind is keras.layers.ELU:
         return "elu" if float(layer.alpha) == 1.0 else None
     return None
-
-
-def activation_layer(name, normalization):
-    """A `keras.layers.Activation(name)` to follow `normalization` in an unfused model.
-
-    It gets the normalization layer's dtype policy, so under mixed precision it
-    computes in the same dtype as the fused layer's output.
-    """
-    return keras.layers.Activation(
-        name, dtype=normalization.dtype_policy, name=f"{normalization.name}_{name}"
-    )

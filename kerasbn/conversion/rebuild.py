@@ -143,7 +143,7 @@ class Rebuilder:
                 )
         clone = self.replace(layer)
         if clone is None:
-            clone = layer.__class__.from_config(layer.get_config())
+            clone = _copy(layer)
         if isinstance(layer, keras.layers.Layer):
             self._leaves.append((layer, clone))
         return clone
@@ -167,6 +167,20 @@ class Rebuilder:
             original = self._originals[id(clone)]
             self._followers[id(clone)] = list(self.layers_after(original, clone))
         return self._followers[id(clone)]
+
+
+def _copy(layer):
+    """A new, unbuilt layer from `layer`'s config, as `keras.models.clone_model` makes one."""
+    try:
+        return layer.__class__.from_config(layer.get_config())
+    except Exception as error:
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from its "
+            f"config ({type(error).__name__}: {error}). Every layer of the model is "
+            "copied this way, as keras.models.clone_model does: give the layer a "
+            "get_config()/from_config() pair that round-trips (a named, registered "
+            "function instead of a lambda, for instance)."
+        ) from error
 
 
 def _new_input(tensor):
