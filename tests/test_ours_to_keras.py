@@ -43,7 +43,6 @@ def test_our_layers_become_keras_layers_with_every_option(rng):
         beta_constraint="non_neg",
         synchronized=True,
         activity_regularizer="l1",
-        dtype="float64",
         name="bn",
         jit_compile=False,
     )
@@ -66,6 +65,19 @@ def test_our_layers_become_keras_layers_with_every_option(rng):
     assert keras_bn.trainable is False
     x = data(rng)
     np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_policies_are_kept(rng):
+    keras.config.set_dtype_policy("mixed_float16")
+    model = model_with(kerasbn.BatchNorm(name="bn"))
+    keras.config.set_dtype_policy("float32")
+    model.get_layer("bn").moving_variance.assign(rng.uniform(0.5, 2.0, 6))
+    back = kerasbn.to_keras(model)
+    assert back.get_layer("bn").dtype_policy.name == "mixed_float16"
+    x = data(rng)
+    ours, theirs = model(x), back(x)
+    assert ours.dtype == theirs.dtype == "float16"
+    np.testing.assert_allclose(np.float32(theirs), np.float32(ours), rtol=1e-2, atol=1e-2)
 
 
 def test_outputs_equal_in_training(rng):

@@ -98,12 +98,6 @@ class _ToKeras(Rebuilder):
 
 
 def _keras_renorm_config(layer, config):
-    if not configs.keras_renorm_supported():
-        raise ValueError(
-            f"Layer '{layer.name}' (BatchRenorm) has no equivalent in Keras "
-            f"{keras.__version__}: keras.layers.BatchNormalization has `renorm` from Keras "
-            "3.14 on."
-        )
     for name in ("r_max", "d_max"):
         if callable(getattr(layer, name)):
             raise ValueError(
@@ -112,6 +106,12 @@ def _keras_renorm_config(layer, config):
                 f"Set a number (e.g. the schedule's final value) before converting: "
                 f"layer.{name} = ..."
             )
+    if not configs.keras_renorm_supported():
+        raise ValueError(
+            f"Layer '{layer.name}' (BatchRenorm) has no equivalent in Keras "
+            f"{keras.__version__}: keras.layers.BatchNormalization has `renorm` from Keras "
+            "3.14 on."
+        )
     r_max = config.pop("r_max")
     config["renorm"] = True
     config["renorm_clipping"] = {"rmax": r_max, "rmin": 1.0 / r_max, "dmax": config.pop("d_max")}

@@ -29,6 +29,14 @@ class Rebuilder:
     rebuilds one model.
     """
 
+    def __init__(self):
+        self._clones = {}  # id(original layer) -> clone
+        self._originals = {}  # id(clone) -> original layer
+        self._followers = {}  # id(clone) -> layers called after it
+        self._removed = set()  # ids of original layers whose call is dropped
+        self._leaves = []  # (original, clone) for every copied or replaced layer
+        self._models = []  # (original, clone) for every rebuilt model, inner first
+
     # -- hooks -------------------------------------------------------------
 
     def replace(self, layer):
@@ -56,14 +64,6 @@ class Rebuilder:
         return []
 
     # -- the rebuild --------------------------------------------------------
-
-    def __init__(self):
-        self._clones = {}  # id(original layer) -> clone
-        self._originals = {}  # id(clone) -> original layer
-        self._followers = {}  # id(clone) -> layers called after it
-        self._removed = set()  # ids of original layers whose call is dropped
-        self._leaves = []  # (original, clone) for every copied or replaced layer
-        self._models = []  # (original, clone) for every rebuilt model, inner first
 
     def __call__(self, model):
         if not isinstance(model, keras.Model):
@@ -193,8 +193,8 @@ def _new_input(tensor):
         batch_shape=tensor.shape,
         dtype=tensor.dtype,
         sparse=tensor.sparse,
-        name=layer.name,
-        optional=layer.optional,
+        name=getattr(layer, "name", None),
+        optional=getattr(layer, "optional", False),
     )
 
 
