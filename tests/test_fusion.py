@@ -10,6 +10,10 @@ import pytest
 import kerasbn
 
 
+def assert_close(actual, expected, tol=1e-5):
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol)
+
+
 def convert(model, **options):
     return kerasbn.convert(model, fuse_activations=True, jit_compile=False, **options)
 
@@ -35,9 +39,9 @@ def data(rng):
 
 def assert_same_model_behaviour(fused, model, rng):
     x = data(rng)
-    np.testing.assert_allclose(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(fused(x), model(x))
     for _ in range(2):
-        np.testing.assert_allclose(fused(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+        assert_close(fused(x, training=True), model(x, training=True))
     for layer in model.layers:
         if not layer.weights:
             continue  # an activation layer, fused away
@@ -123,10 +127,11 @@ def test_group_norm_and_batch_renorm_fuse_too(rng):
     randomize(model, rng)
     fused = convert(model, batch_norm_to=kerasbn.BatchRenorm)
     assert fused.get_layer("gn").activation == "silu"
-    assert type(fused.get_layer("bn")) is kerasbn.BatchRenorm and fused.get_layer("bn").activation == "relu"
+    assert type(fused.get_layer("bn")) is kerasbn.BatchRenorm
+    assert fused.get_layer("bn").activation == "relu"
     assert len(fused.layers) == len(model.layers) - 2
     x = data(rng)
-    np.testing.assert_allclose(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(fused(x), model(x))
 
 
 def test_our_layers_already_in_the_model_fuse(rng):
@@ -138,7 +143,7 @@ def test_our_layers_already_in_the_model_fuse(rng):
     assert fused.get_layer("ours").activation == "relu"
     assert "relu" not in [layer.name for layer in fused.layers]
     x = data(rng)
-    np.testing.assert_allclose(fused(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+    assert_close(fused(x, training=True), model(x, training=True))
 
 
 def test_normalization_with_other_consumers_is_not_fused():
@@ -186,7 +191,7 @@ def test_sequential_and_nested_models_fuse(rng):
     assert new_inner.get_layer("inner_bn").activation == "relu6"
     assert fused.get_layer("outer_bn").activation == "gelu"
     x = data(rng)
-    np.testing.assert_allclose(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(fused(x), model(x))
 
 
 def test_fused_model_survives_a_keras_file(rng, tmp_path):
@@ -214,8 +219,8 @@ def test_to_keras_puts_the_activation_back_as_a_layer(rng):
     assert silu.activation is keras.activations.silu
     assert back.get_layer("bn").get_config().get("activation") is None
     x = data(rng)
-    np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(back(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+    assert_close(back(x), model(x))
+    assert_close(back(x, training=True), model(x, training=True))
 
 
 def test_to_keras_of_a_fused_sequential_model(rng):
@@ -223,9 +228,10 @@ def test_to_keras_of_a_fused_sequential_model(rng):
         [keras.Input((5, 3)), keras.layers.Dense(6), kerasbn.BatchNorm(activation="tanh", name="bn")]
     )
     back = kerasbn.to_keras(model)
-    assert [type(layer).__name__ for layer in back.layers] == ["Dense", "BatchNormalization", "Activation"]
+    kinds = [type(layer).__name__ for layer in back.layers]
+    assert kinds == ["Dense", "BatchNormalization", "Activation"]
     x = data(rng)
-    np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(back(x), model(x))
 
 
 def test_fusion_keeps_a_mixed_precision_policy(rng):
@@ -241,6 +247,7 @@ def test_fusion_keeps_a_mixed_precision_policy(rng):
 
 @pytest.mark.filterwarnings("ignore:The object being serialized includes a `lambda`")
 def test_a_layer_that_cannot_be_rebuilt_from_its_config_is_an_error_naming_it():
-    model = model_with(keras.layers.BatchNormalization(), keras.layers.Activation(lambda x: 2.0 * x, name="odd"))
+    odd = keras.layers.Activation(lambda x: 2.0 * x, name="odd")
+    model = model_with(keras.layers.BatchNormalization(), odd)
     with pytest.raises(ValueError, match="'odd' .*cannot be rebuilt from its config"):
         convert(model)

@@ -20,6 +20,10 @@ needs_keras_renorm = pytest.mark.skipif(
 RENORM_KEYS = {"renorm", "renorm_clipping", "renorm_momentum"}
 
 
+def assert_close(actual, expected, tol=1e-5):
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol)
+
+
 def convert(model, **options):
     return kerasbn.convert(model, jit_compile=options.pop("jit_compile", False), **options)
 
@@ -106,11 +110,9 @@ def test_outputs_and_statistics_equal_keras_in_training_and_inference(rng):
     randomize_statistics(model, rng)
     converted = convert(model)
     x = data(rng)
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x), model(x))
     for _ in range(3):
-        np.testing.assert_allclose(
-            converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5
-        )
+        assert_close(converted(x, training=True), model(x, training=True))
     for theirs, ours in zip(model.weights, converted.weights):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -121,7 +123,7 @@ def test_default_jit_compile_gives_xla_layers_with_the_same_outputs(rng):
     converted = kerasbn.convert(model)
     assert converted.get_layer("bn").jit_compile is True
     x = data(rng, rank=3)
-    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x, training=True), model(x, training=True))
 
 
 def test_masked_training_equals_keras(rng):
@@ -132,9 +134,7 @@ def test_masked_training_equals_keras(rng):
     converted = convert(model)
     tokens = rng.integers(0, 10, size=(6, 7))
     tokens[:, 4:] = 0
-    np.testing.assert_allclose(
-        converted(tokens, training=True), model(tokens, training=True), rtol=1e-5, atol=1e-5
-    )
+    assert_close(converted(tokens, training=True), model(tokens, training=True))
     np.testing.assert_allclose(
         converted.get_layer("bn").moving_variance.numpy(),
         model.get_layer("bn").moving_variance.numpy(),
@@ -167,7 +167,7 @@ def test_inputs_outputs_and_names_are_kept(rng):
     x = [rng.normal(size=(2, 4, 4, 2)).astype("float32"), rng.normal(size=(2, 3)).astype("float32")]
     ours, theirs = converted(x), model(x)
     assert set(ours) == {"score", "h"}
-    np.testing.assert_allclose(ours["score"], theirs["score"], rtol=1e-5, atol=1e-5)
+    assert_close(ours["score"], theirs["score"])
 
 
 # -- nested, Sequential and shared layers ------------------------------------------------------
@@ -197,8 +197,8 @@ def test_nested_models_are_converted_at_every_level(rng):
     assert type(converted.get_layer("shared_bn")) is kerasbn.BatchNorm
     assert len(converted.get_layer("shared_bn")._inbound_nodes) == 2
     x = rng.normal(size=(8, 4)).astype("float32")
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
+    assert_close(converted(x), model(x))
+    assert_close(converted(x, training=True), model(x, training=True), 1e-4)
 
 
 def test_sequential_models_are_converted(rng):
@@ -213,7 +213,7 @@ def test_sequential_models_are_converted(rng):
         converted = convert(model)
         assert isinstance(converted, keras.Sequential) and converted.name == model.name
         assert type(converted.layers[-1]) is kerasbn.BatchNorm
-        np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+        assert_close(converted(x), model(x))
 
 
 def test_unbuilt_sequential_model_is_an_error():
@@ -257,7 +257,7 @@ def test_freeze_makes_every_normalization_layer_run_in_inference(rng):
     for layer in model.layers[2:]:
         layer.trainable = False
     x = data(rng)
-    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x, training=True), model(x, training=True))
     np.testing.assert_array_equal(
         converted.get_layer("bn").moving_mean.numpy(), model.get_layer("bn").moving_mean.numpy()
     )
@@ -301,10 +301,12 @@ def test_keras_renorm_layer_becomes_batch_renorm(rng):
     assert (layer.r_max, layer.d_max, layer.renorm_momentum) == (1.5, 0.5, 0.9)
     for _ in range(3):
         x = data(rng)
-        np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
+        assert_close(converted(x, training=True), model(x, training=True), 1e-4)
     for theirs in keras_layer.weights:
         ours = getattr(layer, theirs.name)
-        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=theirs.name)
+        np.testing.assert_allclose(
+            ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=theirs.name
+        )
 
 
 @needs_keras_renorm
@@ -317,7 +319,8 @@ def test_keras_renorm_without_clipping_has_infinite_limits():
 @needs_keras_renorm
 @pytest.mark.parametrize("clipping", [{"rmax": 3.0}, {"rmax": 3.0, "rmin": 0.5}, {"rmin": 0.5}])
 def test_keras_renorm_with_asymmetric_clipping_is_an_error_naming_the_layer(clipping):
-    model = small_model(keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping, name="odd"))
+    layer = keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping, name="odd")
+    model = small_model(layer)
     with pytest.raises(ValueError, match=r"'odd'.*rmin = 1/rmax"):
         convert(model)
 
@@ -329,13 +332,15 @@ def test_keras_renorm_layer_to_batch_norm_keeps_inference(rng):
     converted = convert(model, batch_norm_to=kerasbn.BatchNorm)
     assert type(converted.get_layer("brn")) is kerasbn.BatchNorm
     x = data(rng)
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x), model(x))
 
 
 def test_batch_norm_to_batch_renorm_starts_from_the_moving_statistics(rng):
     model = small_model(keras.layers.BatchNormalization(epsilon=0.01, name="bn"))
     randomize_statistics(model, rng)
-    converted = convert(model, batch_norm_to=kerasbn.BatchRenorm, r_max=1.5, d_max=0.5, renorm_momentum=0.9)
+    converted = convert(
+        model, batch_norm_to=kerasbn.BatchRenorm, r_max=1.5, d_max=0.5, renorm_momentum=0.9
+    )
     layer, keras_layer = converted.get_layer("bn"), model.get_layer("bn")
     assert type(layer) is kerasbn.BatchRenorm
     assert (layer.r_max, layer.d_max, layer.renorm_momentum) == (1.5, 0.5, 0.9)
@@ -347,14 +352,16 @@ def test_batch_norm_to_batch_renorm_starts_from_the_moving_statistics(rng):
     np.testing.assert_array_equal(layer.moving_variance.numpy(), keras_layer.moving_variance.numpy())
     assert int(layer.step.numpy()) == 0
     x = data(rng)
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x), model(x))
 
 
 @needs_keras_renorm
 def test_batch_norm_to_batch_renorm_trains_as_keras_renorm_from_the_same_statistics(rng):
     model = small_model(keras.layers.BatchNormalization(momentum=0.8, name="bn"))
     randomize_statistics(model, rng)
-    converted = convert(model, batch_norm_to=kerasbn.BatchRenorm, r_max=1.5, d_max=0.5, renorm_momentum=0.9)
+    converted = convert(
+        model, batch_norm_to=kerasbn.BatchRenorm, r_max=1.5, d_max=0.5, renorm_momentum=0.9
+    )
     source = model.get_layer("bn")
     reference = keras.layers.BatchNormalization(
         momentum=0.8, renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5},
@@ -367,9 +374,7 @@ def test_batch_norm_to_batch_renorm_trains_as_keras_renorm_from_the_same_statist
     project = model.get_layer("project")
     for _ in range(3):
         x = data(rng)
-        np.testing.assert_allclose(
-            converted(x, training=True), reference(project(x), training=True), rtol=1e-4, atol=1e-4
-        )
+        assert_close(converted(x, training=True), reference(project(x), training=True), 1e-4)
 
 
 def test_batch_norm_to_batch_renorm_takes_a_schedule():
@@ -393,20 +398,22 @@ def test_batch_norm_to_group_norm_keeps_gamma_and_beta(rng):
     reference.build((None, 5, 5, 6))
     reference.set_weights([source.gamma.numpy(), source.beta.numpy()])
     x = data(rng)
-    np.testing.assert_allclose(
-        converted(x), reference(model.get_layer("project")(x)), rtol=1e-5, atol=1e-5
-    )
+    assert_close(converted(x), reference(model.get_layer("project")(x)))
 
 
 def test_groups_may_be_a_function_of_the_channel_count():
     model = small_model(
-        keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(24), keras.layers.BatchNormalization(name="bn24")
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dense(24),
+        keras.layers.BatchNormalization(name="bn24"),
     )
     converted = convert(
         model, batch_norm_to=kerasbn.GroupNorm, groups=lambda channels: math.gcd(channels, 32)
     )
     assert converted.get_layer("bn").groups == 2
     assert converted.get_layer("bn24").groups == 8
+    instance_norm = convert(model, batch_norm_to=kerasbn.GroupNorm, groups=-1)
+    assert instance_norm.get_layer("bn24").groups == -1 and instance_norm.get_layer("bn24").group_count == 24
 
 
 def test_groups_not_dividing_the_channels_is_an_error_naming_the_layer_and_the_channels():
@@ -419,7 +426,7 @@ def test_groups_not_dividing_the_channels_is_an_error_naming_the_layer_and_the_c
         convert(model, batch_norm_to=kerasbn.GroupNorm, groups=lambda channels: 1.5)
 
 
-# -- argument errors --------------------------------------------------------------------------------
+# -- argument errors ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -448,7 +455,9 @@ def test_bad_arguments_are_errors_naming_them(options, error, message):
 def test_a_model_that_is_not_keras_3_is_a_type_error():
     import tf_keras
 
-    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,)), tf_keras.layers.BatchNormalization()])
+    model = tf_keras.Sequential(
+        [tf_keras.layers.Dense(2, input_shape=(3,)), tf_keras.layers.BatchNormalization()]
+    )
     with pytest.raises(TypeError, match="Keras 3"):
         kerasbn.convert(model)
     with pytest.raises(TypeError, match="Keras 3"):
@@ -492,7 +501,7 @@ def test_layers_without_normalization_inside_are_copied_with_their_weights(rng):
     model = keras.Model(inputs, keras.layers.BatchNormalization()(h))
     converted = convert(model)
     x = rng.normal(size=(2, 4, 3)).astype("float32")
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(converted(x), model(x))
 
 
 def test_subclass_of_batch_normalization_overriding_call_is_an_error_naming_it():
@@ -516,7 +525,8 @@ class WithOption(keras.layers.BatchNormalization):
 
 
 def test_ghost_batch_norm_option_is_an_error_naming_the_layer():
-    with pytest.raises(ValueError, match="'ghost' .*ghost batch normalization \\(virtual_batch_size=4\\)"):
+    message = r"'ghost' .*ghost batch normalization \(virtual_batch_size=4\)"
+    with pytest.raises(ValueError, match=message):
         convert(small_model(WithOption(option=4, name="ghost")))
 
 

@@ -8,8 +8,13 @@ import kerasbn
 from kerasbn.conversion import configs
 
 needs_keras_renorm = pytest.mark.skipif(
-    not configs.keras_renorm_supported(), reason="keras.layers.BatchNormalization has renorm from Keras 3.14"
+    not configs.keras_renorm_supported(),
+    reason="keras.layers.BatchNormalization has renorm from Keras 3.14",
 )
+
+
+def assert_close(actual, expected, tol=1e-5):
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol)
 
 
 def model_with(*norms, shape=(5, 5, 3), channels=6):
@@ -47,7 +52,9 @@ def test_our_layers_become_keras_layers_with_every_option(rng):
         jit_compile=False,
     )
     bn.trainable = False
-    gn = kerasbn.GroupNorm(groups=2, epsilon=1e-2, center=False, gamma_regularizer="l1", name="gn", jit_compile=False)
+    gn = kerasbn.GroupNorm(
+        groups=2, epsilon=1e-2, center=False, gamma_regularizer="l1", name="gn", jit_compile=False
+    )
     model = model_with(bn, gn)
     randomize(model, rng)
     back = kerasbn.to_keras(model)
@@ -64,7 +71,7 @@ def test_our_layers_become_keras_layers_with_every_option(rng):
             np.testing.assert_array_equal(mine.numpy(), keras_weight.numpy())
     assert keras_bn.trainable is False
     x = data(rng)
-    np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_close(back(x), model(x))
 
 
 def test_dtype_policies_are_kept(rng):
@@ -81,12 +88,14 @@ def test_dtype_policies_are_kept(rng):
 
 
 def test_outputs_equal_in_training(rng):
-    model = model_with(kerasbn.BatchNorm(momentum=0.9, name="bn"), kerasbn.GroupNorm(groups=3, name="gn"))
+    model = model_with(
+        kerasbn.BatchNorm(momentum=0.9, name="bn"), kerasbn.GroupNorm(groups=3, name="gn")
+    )
     randomize(model, rng)
     back = kerasbn.to_keras(model)
     x = data(rng)
     for _ in range(2):
-        np.testing.assert_allclose(back(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+        assert_close(back(x, training=True), model(x, training=True))
     for mine, theirs in zip(model.weights, back.weights):
         np.testing.assert_allclose(theirs.numpy(), mine.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -126,7 +135,7 @@ def test_batch_renorm_becomes_keras_renorm_and_trains_alike(rng):
     assert [w.name for w in keras_layer.weights] == [w.name for w in layer.weights][:-1]  # no `step`
     for _ in range(3):
         x = data(rng)
-        np.testing.assert_allclose(back(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
+        assert_close(back(x, training=True), model(x, training=True), 1e-4)
 
 
 @needs_keras_renorm
@@ -164,7 +173,7 @@ def test_masked_batch_norm_converts_when_its_features_are_last(rng):
     back = kerasbn.to_keras(model)
     tokens = rng.integers(0, 10, size=(6, 7))
     tokens[:, 4:] = 0
-    np.testing.assert_allclose(back(tokens, training=True), model(tokens, training=True), rtol=1e-5, atol=1e-5)
+    assert_close(back(tokens, training=True), model(tokens, training=True))
 
 
 def test_masked_batch_norm_over_another_axis_is_an_error_naming_the_layer():

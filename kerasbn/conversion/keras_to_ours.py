@@ -132,7 +132,15 @@ def convert(
 
 class _Conversion(Rebuilder):
     def __init__(
-        self, *, batch_norm_to, r_max, d_max, renorm_momentum, groups, freeze, fuse_activations,
+        self,
+        *,
+        batch_norm_to,
+        r_max,
+        d_max,
+        renorm_momentum,
+        groups,
+        freeze,
+        fuse_activations,
         jit_compile,
     ):
         super().__init__()
@@ -206,12 +214,13 @@ class _Conversion(Rebuilder):
                 f"({channels} channels); it must return an int."
             )
         try:
-            return resolve_groups(int(groups), channels)
+            resolve_groups(int(groups), channels)
         except ValueError as error:
             raise ValueError(
                 f"Cannot convert layer '{layer.name}' ({channels} channels) to "
                 f"kerasbn.GroupNorm: {error}"
             ) from None
+        return int(groups)  # -1 stays -1 (one group per channel), as GroupNorm keeps it
 
     # -- weights and flags --------------------------------------------------
 
