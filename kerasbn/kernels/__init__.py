@@ -6,6 +6,7 @@ weights and the flags and call these kernels.
 """
 
 from kerasbn.kernels.compile import jit_disabled, xla_allowed
+from kerasbn.kernels.warmup import ShapeUse, get_xla_policy, set_xla_policy, xla_policy
 from kerasbn.kernels.batch_norm import batch_norm_inference, batch_norm_train
 from kerasbn.kernels.batch_renorm import batch_renorm_train
 from kerasbn.kernels.group_norm import group_norm
@@ -15,12 +16,16 @@ from kerasbn.kernels.synchronized import (
 )
 
 __all__ = [
+    "ShapeUse",
     "batch_norm_inference",
     "batch_norm_train",
     "batch_renorm_train",
+    "get_xla_policy",
     "group_norm",
     "jit_disabled",
+    "set_xla_policy",
     "synchronized_batch_norm_train",
     "synchronized_batch_renorm_train",
     "xla_allowed",
+    "xla_policy",
 ]

@@ -1,10 +1,14 @@
-"""Compiling kernels with or without XLA.
+"""Compiling kernels with or without XLA, and choosing between them per call.
 
-Every kernel exists twice: an XLA-compiled `tf.function` (the default) and a plain
-graph `tf.function`. The plain one is used when the layer was built with
-`jit_compile=False` and inside `jit_disabled()`, which the serving exporter enters
-while it traces a model: stock TF Serving runs without XLA JIT and refuses
-functions marked `_XlaMustCompile`.
+Every kernel exists twice: XLA-compiled `tf.function`s and plain graph
+`tf.function`s. XLA compiles once per concrete input shape, so the XLA
+programs run only where that pays (see `Kernel`): training calls at input
+shapes that recur (`warmup.py`). The plain graph runs everywhere else:
+inference and other calls without a gradient, shapes not (yet) worth a
+compilation, layers built with `jit_compile=False`, inside `jit_disabled()`
+(which the serving exporter enters: stock TF Serving runs without XLA JIT and
+refuses functions marked `_XlaMustCompile`), and inside an XLA-compiled
+caller, whose compiler compiles the kernel together with the rest of the step.
 
 Forward and backward are compiled as two programs. Differentiating a call of a
 `tf.function` the usual way makes TensorFlow add every tensor the backward needs
@@ -17,8 +21,9 @@ at the caller's level: the forward program is called on gradient-stopped inputs
 small intermediates marked with `residual()` (the batch statistics); the
 backward program re-traces the kernel with those residuals fed back in and
 takes its symbolic gradient (`tf.gradients`), so the statistics are not
-recomputed (XLA drops the dead forward work), and takes `x` from the caller. Inside an outer XLA-compiled step both
-programs are inlined into one and fused as before.
+recomputed (XLA drops the dead forward work), and takes `x` from the caller.
+Inside an outer XLA-compiled step both programs are inlined into it and fused
+with their neighbours.
 
 Second-order gradients (a gradient penalty, Hessian-vector products): the
 backward program takes the statistics as constants, so differentiating it
@@ -35,7 +40,7 @@ import threading
 
 import tensorflow as tf
 
-from kerasbn.kernels import tf_internals
+from kerasbn.kernels import tf_internals, warmup
 
 _state = threading.local()
 
@@ -174,8 +179,15 @@ def _backward_program(fn):
             outputs = fn(*args, **kwargs)
         # Symbolic gradients, not a tape: a tape records nothing when this
         # function is first traced while the thread's taping is paused (as
-        # inside a ForwardAccumulator), and the trace would be reused.
-        return tf.gradients(tf.nest.flatten(outputs), sources, grad_ys=upstream)
+        # inside a ForwardAccumulator), and the trace would be reused. Zeros
+        # for unconnected sources, so the XLA and plain programs return the
+        # same structure (they are the two branches of a `tf.cond`).
+        return tf.gradients(
+            tf.nest.flatten(outputs),
+            sources,
+            grad_ys=upstream,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
 
     backward.__name__ = f"backward_{fn.__name__}"
     return backward
@@ -209,19 +221,78 @@ def _autodiff_gradients(fn, args, kwargs, positions, sources, upstream):
     )
 
 
-class Compiled:
-    """A kernel compiled one way (XLA or plain): call it like the function."""
+class _Programs:
+    """A kernel's forward and backward programs, compiled one way (XLA or plain)."""
 
     def __init__(self, fn, jit_compile):
-        self._fn = fn
-        self._forward = _PerRank(
+        self.forward = _PerRank(
             _forward_program(fn), jit_compile, lambda x, *args, **kwargs: len(x.shape)
         )
-        self._backward = _PerRank(
+        self.backward = _PerRank(
             _backward_program(fn), jit_compile, lambda args, *rest: len(args[0].shape)
         )
 
-    def __call__(self, *args, **kwargs):
+    def experimental_get_tracing_count(self):
+        return (
+            self.forward.experimental_get_tracing_count()
+            + self.backward.experimental_get_tracing_count()
+        )
+
+
+def _select(compiled, if_xla, if_plain):
+    """`if_xla()` or `if_plain()`: statically when `compiled` is a bool, else a `tf.cond`."""
+    if isinstance(compiled, bool):
+        return if_xla() if compiled else if_plain()
+    return tf.cond(compiled, if_xla, if_plain)
+
+
+def _configuration_key(args, kwargs):
+    """What, besides the input shapes, makes two calls compile to different programs."""
+    flat = tf.nest.flatten((args, kwargs))
+    structure = tf.nest.map_structure(lambda _: 0, (args, kwargs))
+    tensors = tuple(
+        (v.dtype.name, v.shape.rank) if tf.is_tensor(v) else ("static", repr(v)) for v in flat
+    )
+    return repr(structure), tensors
+
+
+class Kernel:
+    """A pure function compiled twice, with XLA and without, called where each pays.
+
+    Calling it (`kernel(*args, jit_compile=True, **kwargs)`, or the function
+    `kernel.get(jit_compile)`) picks, while the caller is traced:
+
+    - the plain graph when `jit_compile` is False, inside `jit_disabled()`, and
+      inside an XLA-compiled caller (whose compiler then compiles the kernel
+      with the rest of the step: no program of its own);
+    - the plain graph when no gradient is recorded (inference, a forward-only
+      pass): nothing is compiled for the shapes inference sees;
+    - for a training call (a gradient tape records it), the XLA programs for
+      input shapes that recur and the plain graph for the others, decided at
+      run time per call (`warmup.ShapeUse`).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.xla = _Programs(fn, jit_compile=True)
+        self.plain = _Programs(fn, jit_compile=False)
+        self._shape_use = {}
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def get(self, jit_compile, shape_use=None):
+        """The kernel as a function, for a layer's `jit_compile` flag.
+
+        `shape_use` is the caller's `warmup.ShapeUse` (a layer keeps its own,
+        so its limit counts its own shapes); None shares one per configuration.
+        """
+
+        def call(*args, **kwargs):
+            return self(*args, jit_compile=jit_compile, shape_use=shape_use, **kwargs)
+
+        return call
+
+    def __call__(self, *args, jit_compile=True, shape_use=None, **kwargs):
         args, kwargs = tf.nest.map_structure(
             lambda v: tf.convert_to_tensor(v) if isinstance(v, tf.Variable) else v,
             (args, kwargs),
@@ -233,19 +304,35 @@ class Compiled:
             # Under a forward accumulator (JVPs, forward-over-backward
             # Hessian-vector products): plain differentiable ops throughout.
             with differentiable_statistics():
-                return self._fn(*args, **kwargs)
+                return self.fn(*args, **kwargs)
         if not sources or not tf_internals.gradient_recorded(sources, unknown=True):
-            outputs, _ = self._forward(*args, **kwargs)
+            outputs, _ = self.plain.forward(*args, **kwargs)
             return outputs
-        return self._call_recorded(args, kwargs, flat, positions, sources)
+        compiled = self._compiled(args, kwargs, jit_compile, shape_use)
+        return self._call_recorded(args, kwargs, positions, sources, compiled)
 
-    def _call_recorded(self, args, kwargs, flat, positions, sources):
+    def _compiled(self, args, kwargs, jit_compile, shape_use):
+        """False, or a bool tensor: whether this training call runs the XLA programs."""
+        if not jit_compile or not xla_allowed() or tf_internals.in_xla_context():
+            return False
+        if shape_use is None:
+            key = _configuration_key(args, kwargs)
+            if key not in self._shape_use:
+                self._shape_use[key] = warmup.ShapeUse(f"kernel {self.__name__} (configuration {len(self._shape_use)})")
+            shape_use = self._shape_use[key]
+        return shape_use.is_compiled(args[0])
+
+    def _call_recorded(self, args, kwargs, positions, sources, compiled):
         @tf.custom_gradient
         def run(*sources):
             stopped_args, stopped_kwargs = _with_sources(
                 args, kwargs, positions, [tf.stop_gradient(source) for source in sources]
             )
-            outputs, residuals = self._forward(*stopped_args, **stopped_kwargs)
+            outputs, residuals = _select(
+                compiled,
+                lambda: self.xla.forward(*stopped_args, **stopped_kwargs),
+                lambda: self.plain.forward(*stopped_args, **stopped_kwargs),
+            )
             flat_outputs = tf.nest.flatten(outputs)
 
             def grad(*upstream, variables=None):
@@ -253,7 +340,9 @@ class Compiled:
                     tf.zeros_like(output) if g is None else g
                     for g, output in zip(upstream, flat_outputs)
                 ]
-                grads = self._gradients(args, kwargs, positions, sources, residuals, upstream)
+                grads = self._gradients(
+                    args, kwargs, positions, sources, residuals, upstream, compiled
+                )
                 if variables:
                     return grads, [None] * len(variables)
                 return grads
@@ -262,40 +351,25 @@ class Compiled:
 
         return run(*sources)
 
-    def _gradients(self, args, kwargs, positions, sources, residuals, upstream):
+    def _gradients(self, args, kwargs, positions, sources, residuals, upstream, compiled):
         """The backward program's gradients; exactly differentiable when recorded.
 
         Recorded means that a gradient tape (or a forward accumulator started
         after the forward pass) watches the sources or the upstream gradients.
         """
         if not tf_internals.gradient_possibly_watched(list(sources) + list(upstream)):
-            return list(self._backward(args, kwargs, residuals, upstream))
-        return _autodiff_gradients(self._fn, args, kwargs, positions, sources, upstream)
+            return list(
+                _select(
+                    compiled,
+                    lambda: self.xla.backward(args, kwargs, residuals, upstream),
+                    lambda: self.plain.backward(args, kwargs, residuals, upstream),
+                )
+            )
+        return _autodiff_gradients(self.fn, args, kwargs, positions, sources, upstream)
 
     def experimental_get_tracing_count(self):
-        """Traces so far of the forward and backward programs, over all ranks."""
-        return (
-            self._forward.experimental_get_tracing_count()
-            + self._backward.experimental_get_tracing_count()
-        )
-
-
-class Kernel:
-    """A pure function compiled twice: with XLA (`.xla`) and without (`.plain`)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.xla = Compiled(fn, jit_compile=True)
-        self.plain = Compiled(fn, jit_compile=False)
-        self.__name__ = fn.__name__
-        self.__doc__ = fn.__doc__
-
-    def get(self, jit_compile):
-        """The compiled function to call for a layer's `jit_compile` flag."""
-        return self.xla if (jit_compile and xla_allowed()) else self.plain
-
-    def __call__(self, *args, jit_compile=True, **kwargs):
-        return self.get(jit_compile)(*args, **kwargs)
+        """Traces so far of the forward and backward programs, XLA and plain, all ranks."""
+        return self.xla.experimental_get_tracing_count() + self.plain.experimental_get_tracing_count()
 
 
 def kernel(fn):

@@ -72,8 +72,15 @@ class BatchNorm(keras.layers.Layer):
         None. Each is Keras' `keras.activations` function of that name with its
         default arguments, which may also be passed. `ValueError` for anything
         else.
-      jit_compile: bool, default True. Run the kernels through XLA. Set False
-        to use plain TensorFlow graphs (serving exports do so automatically).
+      jit_compile: bool, default True. Use the XLA-compiled kernels where they
+        pay: training steps (a gradient is recorded) at an input shape that
+        recurs, compiled once that shape has been used 50 times, for at most 16
+        shapes per layer (a warning says when the limit is hit; see
+        `kerasbn.kernels.set_xla_policy`). Inference, one-off shapes (the last
+        partial batch of an epoch) and calls inside an XLA-compiled step
+        (`fit(jit_compile=True)`, which compiles them with the step) run plain
+        TensorFlow ops, so no call waits for a compilation of ours at a new
+        batch size. False: plain TensorFlow ops always.
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -149,6 +156,9 @@ class BatchNorm(keras.layers.Layer):
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
         self.supports_masking = True
+        # When this layer's training kernels are worth compiling (see
+        # kernels/warmup.py); not a weight, not saved.
+        self._shape_use = kernels.ShapeUse(f"layer {self.name!r}")
         self.moving_mean = None
         self.moving_variance = None
         self.feature_axes = None
@@ -192,7 +202,7 @@ class BatchNorm(keras.layers.Layer):
     def _inference(self, x, gamma, beta):
         mean = read_variable(self.moving_mean, x.dtype)
         variance = read_variable(self.moving_variance, x.dtype)
-        return kernels.batch_norm_inference.get(self.jit_compile)(
+        return kernels.batch_norm_inference.get(self.jit_compile, self._shape_use)(
             x,
             gamma,
             beta,
@@ -212,7 +222,7 @@ class BatchNorm(keras.layers.Layer):
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))
-        train_step = kernels.batch_norm_train.get(self.jit_compile)
+        train_step = kernels.batch_norm_train.get(self.jit_compile, self._shape_use)
         all_reduce = cross_replica_sum() if self.synchronized else None
         if all_reduce is not None:
             train_step = functools.partial(

@@ -131,7 +131,7 @@ class BatchRenorm(BatchNorm):
                 x, gamma, beta, state, mask, r_max, d_max, all_reduce=all_reduce, **options
             )
         else:
-            train_step = kernels.batch_renorm_train.get(self.jit_compile)
+            train_step = kernels.batch_renorm_train.get(self.jit_compile, self._shape_use)
             y, new_state = train_step(x, gamma, beta, state, mask, r_max, d_max, **options)
         for name, value in new_state.items():
             variable = getattr(self, name)

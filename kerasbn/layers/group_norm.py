@@ -49,8 +49,9 @@ class GroupNorm(keras.layers.Layer):
       beta_constraint, gamma_constraint: default None.
       activation: None (default), or an activation fused into the kernel,
         forward and backward, as for `BatchNorm` (same names, same errors).
-      jit_compile: bool, default True. Run the kernel through XLA. Set False to
-        use a plain TensorFlow graph (serving exports do so automatically).
+      jit_compile: bool, default True. As for `BatchNorm`: the XLA-compiled
+        kernel for training steps at input shapes that recur, plain TensorFlow
+        ops elsewhere (inference, one-off shapes, inside an XLA-compiled step).
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -108,6 +109,8 @@ class GroupNorm(keras.layers.Layer):
             gamma_constraint=gamma_constraint,
         )
         self.supports_masking = True
+        # When this layer's kernel is worth compiling (see kernels/warmup.py).
+        self._shape_use = kernels.ShapeUse(f"layer {self.name!r}")
         self.channel_axis = None
         self.group_count = None
 
@@ -137,7 +140,7 @@ class GroupNorm(keras.layers.Layer):
         if mask is not None:
             arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), (self.channel_axis,))
         dtype = statistics_dtype(inputs.dtype, self.variable_dtype)
-        y = kernels.group_norm.get(self.jit_compile)(
+        y = kernels.group_norm.get(self.jit_compile, self._shape_use)(
             tf.cast(inputs, dtype),
             read_variable(self.gamma, dtype),
             read_variable(self.beta, dtype),

@@ -1,0 +1,104 @@
+"""Counts XLA compilations while our layers run, phase by phase.
+
+Usage: python count_worker.py DUMP_DIR OUTPUT.json
+
+Run with `XLA_FLAGS=--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_text`: XLA then
+writes one `*.before_optimizations.txt` file per program it compiles, which is
+what is counted (compilations, not traces). Each phase's count is the number of
+new files since the previous phase. Phases use the warm-up policy set below.
+"""
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
+from kerasbn import kernels  # noqa: E402
+
+WARMUP = 3
+
+
+def compiled_programs(dump):
+    return len(list(Path(dump).glob("*before_optimizations.txt")))
+
+
+def model_with(norm, channels=4):
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(inputs)
+    h = norm()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def main(dump, output):
+    rng = np.random.default_rng(0)
+    counts = {}
+    last = compiled_programs(dump)
+
+    def phase(name):
+        nonlocal last
+        now = compiled_programs(dump)
+        counts[name] = now - last
+        last = now
+
+    norms = {
+        "BatchNorm": lambda: kerasbn.BatchNorm(),
+        "BatchRenorm": lambda: kerasbn.BatchRenorm(),
+        "GroupNorm": lambda: kerasbn.GroupNorm(groups=2),
+    }
+    kernels.set_xla_policy(warmup_calls=WARMUP, max_shapes=2)
+    for kind, norm in norms.items():
+        model = model_with(norm)
+        model.compile(optimizer="sgd", loss="mse")
+        model.predict(rng.normal(size=(4, 6, 6, 3)), verbose=0)  # Keras' own first compile
+        phase(f"{kind}: setup")
+        for batch in range(1, 9):  # inference at new batch sizes, three ways
+            x = rng.normal(size=(batch, 6, 6, 3)).astype("float32")
+            model.predict(x, verbose=0)
+            model(x)
+            model(x, training=False)
+        phase(f"{kind}: inference at 8 batch sizes")
+        x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+        y = rng.normal(size=(16, 2)).astype("float32")
+        for _ in range(WARMUP):
+            model.train_on_batch(x, y)
+        phase(f"{kind}: {WARMUP} training steps at one shape")
+        model.train_on_batch(x, y)
+        model.train_on_batch(x, y)
+        phase(f"{kind}: 2 more training steps at that shape")
+        model.train_on_batch(x[:5], y[:5])
+        phase(f"{kind}: one training step at a new shape")
+    # The limit: with max_shapes=2, a third recurring shape is not compiled.
+    model = model_with(norms["BatchNorm"], channels=6)
+    model.compile(optimizer="sgd", loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in (8, 7, 6):
+            x = rng.normal(size=(batch, 6, 6, 3)).astype("float32")
+            y = rng.normal(size=(batch, 2)).astype("float32")
+            for _ in range(WARMUP + 2):
+                model.train_on_batch(x, y)
+            phase(f"limit: recurring shape {batch}")
+    counts["limit warnings"] = sum("XLA-compiled for 2 input shapes" in str(w.message) for w in caught)
+    # fit with a partial last batch, default policy (50 warm-up calls): no compilation.
+    kernels.set_xla_policy(warmup_calls=kernels.warmup.DEFAULT_WARMUP_CALLS)
+    model = model_with(norms["GroupNorm"], channels=8)
+    model.compile(optimizer="sgd", loss="mse")
+    x = rng.normal(size=(70, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(70, 2)).astype("float32")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    phase("fit: 2 epochs of 5 steps, partial last batch")
+    Path(output).write_text(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,53 @@
+"""XLA compilations (not traces) of our kernels, counted in a subprocess.
+
+Inference never compiles a kernel of ours; a training kernel compiles for an
+input shape only after `warmup_calls` training calls at that shape, and for at
+most `max_shapes` shapes (then a one-time warning). Counted by XLA itself: the
+worker runs with `--xla_dump_to`, where XLA writes one file per compiled program
+(see tests/compilation/count_worker.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kerasbn.kernels import warmup
+
+WORKER = Path(__file__).parent / "compilation" / "count_worker.py"
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compilations")
+    dump, output = tmp / "dump", tmp / "counts.json"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
+    subprocess.run([sys.executable, str(WORKER), str(dump), str(output)], check=True, env=env, timeout=600)
+    return json.loads(output.read_text())
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])
+def test_inference_at_new_batch_sizes_compiles_nothing(counts, kind):
+    assert counts[f"{kind}: inference at 8 batch sizes"] == 0
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])
+def test_training_compiles_a_shape_once_it_recurs(counts, kind):
+    assert counts[f"{kind}: 3 training steps at one shape"] == 0
+    assert counts[f"{kind}: 2 more training steps at that shape"] >= 2  # forward and backward
+    assert counts[f"{kind}: one training step at a new shape"] == 0
+
+
+def test_at_most_max_shapes_are_compiled_with_one_warning(counts):
+    assert counts["limit: recurring shape 8"] >= 2
+    assert counts["limit: recurring shape 7"] >= 2
+    assert counts["limit: recurring shape 6"] == 0
+    assert counts["limit warnings"] == 1
+
+
+def test_a_short_fit_with_a_partial_last_batch_compiles_nothing(counts):
+    assert warmup.DEFAULT_WARMUP_CALLS > 10
+    assert counts["fit: 2 epochs of 5 steps, partial last batch"] == 0
