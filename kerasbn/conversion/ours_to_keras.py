@@ -20,7 +20,8 @@ def to_keras(model):
     (Keras 3.14 or later; its step counter is dropped), and `kerasbn.GroupNorm`
     becomes `keras.layers.GroupNormalization`. A fused activation
     (`activation=...`) becomes a `keras.layers.Activation` layer right after
-    the normalization, named `<layer name>_<activation>`. Nested Functional
+    the normalization, named `<layer name>_<activation>` (with a suffix `_1`,
+    `_2`, ... if the model has a layer of that name). Nested Functional
     and Sequential models are converted too; `model` is not modified.
     `to_keras(kerasbn.convert(m))` gives back `m`'s layers, names and weights
     (with fused activations as `Activation` layers).
@@ -28,7 +29,8 @@ def to_keras(model):
     Args:
       model: a Functional or Sequential `keras.Model` (nested ones included).
         `TypeError` if not a Keras 3 model; `ValueError` for a subclassed model
-        containing our layers, or an unbuilt Sequential model.
+        (or one nested in `model` that contains our layers), or an unbuilt
+        Sequential model.
 
     Returns:
       A new model of the same kind with the same inputs and outputs.
@@ -41,8 +43,8 @@ def to_keras(model):
         layer normalizing over several axes, a `GroupNorm` that receives a mask
         (Keras' `GroupNormalization` ignores masks, so it would compute
         something else), a masked `BatchNorm` whose feature axis is not the
-        last one (Keras' layer assumes it is), or a subclassed model containing
-        our layers.
+        last one (Keras' layer assumes it is), a subclassed model, or our
+        layer inside another layer (e.g. `TimeDistributed`).
     """
     return _ToKeras()(model)
 
