@@ -19,13 +19,19 @@ import tensorflow as tf
 
 KERAS_HAS_RENORM = "renorm" in inspect.signature(keras.layers.BatchNormalization).parameters
 
-requires_keras_renorm = pytest.mark.skipif(
-    not KERAS_HAS_RENORM,
-    reason=(
-        f"the reference is keras.layers.BatchNormalization(renorm=True), which Keras "
-        f"{keras.__version__} lacks (added in Keras 3.14.0); `make test` runs this check"
-    ),
+RENORM_SKIP_REASON = (
+    f"the reference is keras.layers.BatchNormalization(renorm=True), which Keras "
+    f"{keras.__version__} lacks (added in Keras 3.14.0); `make test` runs this check"
 )
+
+requires_keras_renorm = pytest.mark.skipif(not KERAS_HAS_RENORM, reason=RENORM_SKIP_REASON)
+
+
+def keras_batch_renorm(**kwargs):
+    """`keras.layers.BatchNormalization(renorm=True, **kwargs)`; skips the test where Keras lacks it."""
+    if not KERAS_HAS_RENORM:
+        pytest.skip(RENORM_SKIP_REASON)
+    return keras.layers.BatchNormalization(renorm=True, **kwargs)
 
 
 @functools.cache

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 import kerasbn
+from platform_support import KERAS_HAS_RENORM
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -28,6 +30,13 @@ def test_quickstart_builds_a_model_with_our_layer():
     assert model.output.shape == (None, 10)
 
 
+@pytest.mark.skipif(
+    not KERAS_HAS_RENORM,
+    reason=(
+        f"the README's conversion recipe reads `layer.renorm`, which Keras {keras.__version__} "
+        "lacks (added in Keras 3.14.0)"
+    ),
+)
 def test_conversion_recipe_gives_the_same_model_with_our_layers(rng):
     namespace = {"keras": keras, "kerasbn": kerasbn}
     exec(block_containing("def convert(model)"), namespace)

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from platform_support import requires_keras_renorm
 
 
 def layer_inputs(model, layer_name, x, jit_compile=False):
@@ -238,10 +239,15 @@ def test_bad_arguments_are_named(rng):
         kerasbn.recalibrate(branching_model(), tf.data.Dataset.from_tensors(x).repeat())
 
 
-def test_batch_renorm_layers_get_exact_statistics_in_every_moving_variable(rng):
+@pytest.mark.parametrize("second", ["kerasbn", pytest.param("keras", marks=requires_keras_renorm)])
+def test_batch_renorm_layers_get_exact_statistics_in_every_moving_variable(rng, second):
     inputs = keras.Input((4,))
     a = kerasbn.BatchRenorm(name="ours")(keras.layers.Dense(3)(inputs))
-    b = keras.layers.BatchNormalization(renorm=True, name="theirs")(keras.layers.Dense(2)(a))
+    if second == "keras":
+        theirs = keras.layers.BatchNormalization(renorm=True, name="theirs")
+    else:
+        theirs = kerasbn.BatchRenorm(name="theirs")
+    b = theirs(keras.layers.Dense(2)(a))
     model = keras.Model(inputs, b)
     x = rng.normal(1.0, 2.0, (60, 4)).astype("float32")
     kerasbn.recalibrate(model, x, batch_size=16, verbose=0)
