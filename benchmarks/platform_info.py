@@ -9,6 +9,8 @@ them (on with oneDNN, or with `TF_CPU_ALLOCATOR_USE_BFC=true`).
 
     from benchmarks import platform_info
     print(platform_info.describe())
+
+or `python -m benchmarks.platform_info`.
 """
 
 import os
@@ -98,3 +100,7 @@ def _cpuinfo_fields():
         if sep:
             fields.append((key.strip(), value.strip()))
     return fields
+
+
+if __name__ == "__main__":
+    print(describe())
