@@ -24,8 +24,9 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # TensorFlow's convolution, matmul and batch-norm kernels, lets Conv2D take
 # channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
 # numerics against Keras' layers, the exported and golden SavedModels (conv
-# graphs, TFLite), recalibration (conv models), the benchmark smoke run (peak
-# memory per allocator) and the demo (conv model, trained and served).
+# graphs, TFLite), recalibration and channels-first models (conv models run
+# as plain ops or through XLA), the benchmark smoke run (peak memory per
+# allocator) and the demo (conv model, trained and served).
 # .ci/run runs the whole suite with oneDNN off and these again with it on.
 # Add a module here when its results can differ with the CPU's kernels.
 PLATFORM_TESTS := \
@@ -35,6 +36,7 @@ PLATFORM_TESTS := \
 	tests/test_export.py \
 	tests/test_golden_savedmodels.py \
 	tests/test_recalibrate.py \
+	tests/test_channels_first.py \
 	tests/test_benchmarks_smoke.py \
 	tests/test_demo.py
 
