@@ -1,15 +1,46 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and make:
 #   make demo   creates .venv if missing, installs, trains and exports the demo
 #   make test   creates .venv if missing, installs, runs the whole suite
+# Also:
+#   make test-platform   the platform-sensitive modules only (PLATFORM_TESTS below)
+#   make test-min        the whole suite on the oldest declared versions (.venv-min)
+#   make bench           the benchmarks (benchmarks/results.md)
+# Another Python: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+
+# The oldest Python and the oldest versions setup.cfg declares (constraints-min.txt).
+MIN_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python) python3.10)
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
 
 export KERAS_BACKEND := tensorflow
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install test demo bench clean
+# The modules whose results depend on which CPU kernels TensorFlow runs. oneDNN
+# (TF_ENABLE_ONEDNN_OPTS=1; on by default only on CPUs with AVX-512) replaces
+# TensorFlow's convolution, matmul and batch-norm kernels, lets Conv2D take
+# channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
+# numerics against Keras' layers, the exported and golden SavedModels (conv
+# graphs, TFLite), recalibration and channels-first models (conv models run
+# as plain ops or through XLA), the benchmark smoke run (peak memory per
+# allocator) and the demo (conv model, trained and served).
+# .ci/run runs the whole suite with oneDNN off and these again with it on.
+# Add a module here when its results can differ with the CPU's kernels.
+PLATFORM_TESTS := \
+	tests/test_batch_norm_numerics.py \
+	tests/test_batch_renorm.py \
+	tests/test_group_norm.py \
+	tests/test_export.py \
+	tests/test_golden_savedmodels.py \
+	tests/test_recalibrate.py \
+	tests/test_channels_first.py \
+	tests/test_benchmarks_smoke.py \
+	tests/test_demo.py
+
+.PHONY: install test test-platform test-min demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +56,22 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+test-platform: $(STAMP)
+	$(BIN)/python -m pytest $(PLATFORM_TESTS)
+
+$(MIN_VENV)/bin/python:
+	@$(MIN_PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null || \
+		{ echo "no Python 3.10 at '$(MIN_PYTHON)': pass MIN_PYTHON=/path/to/python3.10" >&2; exit 1; }
+	$(MIN_PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --upgrade pip
+
+$(MIN_STAMP): $(MIN_VENV)/bin/python setup.cfg pyproject.toml constraints-min.txt
+	$(MIN_VENV)/bin/python -m pip install -c constraints-min.txt -e ".[test,demo,tutorials]"
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest
+
 demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo
 
@@ -32,7 +79,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) build *.egg-info
 
 # The wheel and sdist as users get them: built, their file lists checked, and the
 # wheel installed in a bare venv (runtime dependencies only) where the README

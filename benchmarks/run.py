@@ -7,8 +7,9 @@ For every shape, all training steps and inference passes (ours, the anchors and
 the floors) are compiled, warmed up and then timed in interleaved rounds (see
 `benchmarks.timing`); the tables report medians and ratios of medians from the
 same run. Peak memory of a training step is measured in a fresh subprocess per
-layer (TensorFlow's CPU allocator statistics, which include XLA's buffers), so
-one layer's cached buffers cannot hide another's.
+layer, so one layer's cached buffers cannot hide another's, with TensorFlow's
+allocator statistics where its BFC allocator is in use and the resident set
+size otherwise (see `benchmarks.peak_memory`).
 """
 
 import argparse
@@ -29,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 from benchmarks import cases as C  # noqa: E402
+from benchmarks import peak_memory, platform_info  # noqa: E402
 from benchmarks.timing import Case, measure  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +82,10 @@ def time_shape(shape, specs, *, rounds, calls_per_round, warmup):
 
 
 def measure_memory_here(key, shape):
-    """Peak bytes allocated during one training step, over what was resident before.
+    """Peak bytes of one training step over what was resident before it.
 
     Runs in the current process, which should be fresh: compiles and warms up
-    the step, resets the allocator's peak, runs one more step.
+    the step, then measures further steps (see `benchmarks.peak_memory`).
     """
     spec = C.LAYERS_BY_KEY[key]
     x = C.make_input(shape)
@@ -91,17 +93,14 @@ def measure_memory_here(key, shape):
     step = C.training_step(layer, spec.step_jit)
     for _ in range(2):
         tf.nest.map_structure(lambda t: t.numpy(), step(x))
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    result = step(x)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    del result
-    return {"key": key, "peak_bytes": peak - before, "input_bytes": x.numpy().nbytes}
+    peak, method = peak_memory.peak_over_resident(lambda: step(x))
+    return {"key": key, "peak_bytes": peak, "input_bytes": x.numpy().nbytes, "method": method}
 
 
 def measure_memory(keys, shape, parallel=2):
     """Runs `measure_memory_here` for each key in its own subprocess, `parallel` at a time."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env = peak_memory.subprocess_environment(env)
     dims = "x".join(str(d) for d in shape.shape)
     results = {}
     keys = list(keys)
@@ -301,7 +300,9 @@ def render(results, shapes, specs, memory, memory_shape, settings):
         f"Written by `python -m benchmarks.run{' --quick' if settings['quick'] else ''}` on "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}: TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}, tf_keras {tf_keras.__version__}, Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPU cores ({platform.machine()}), float32.",
+        f"{platform.python_version()}, float32.",
+        "",
+        f"Machine: {platform_info.describe()}.",
         "",
         "Training step = forward in training mode + loss `sum(y²)` + gradients of the input and "
         "the trainable weights, inside a `tf.function` (\"jit\": the step is compiled with XLA; "
@@ -328,9 +329,11 @@ def render(results, shapes, specs, memory, memory_shape, settings):
     lines += compile_table(results, shapes, specs)
     if memory:
         lines += ["", "## Peak memory of a training step", ""]
+        methods = sorted({value["method"] for value in memory.values() if "method" in value})
+        described = "; ".join(peak_memory.METHODS[method] for method in methods) or "n/a"
         lines += [
-            "Allocator peak during one step (after warm-up, fresh process per layer) minus the "
-            "bytes resident before it; TensorFlow's CPU allocator rounds large blocks, so small "
+            "One step after warm-up, in a fresh process per layer, median of three steps. "
+            f"Method: {described}. Both round (allocator bins, 4 KiB pages), so small "
             "differences are not significant.",
             "",
         ]

@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from platform_support import keras_batch_renorm
 from references import central_differences, feature_axes_of
 
 
 def keras_renorm(r_max, d_max, renorm_momentum=0.99, **kwargs):
-    return keras.layers.BatchNormalization(
-        renorm=True,
+    return keras_batch_renorm(
         renorm_clipping={"rmax": r_max, "rmin": 1.0 / r_max, "dmax": d_max},
         renorm_momentum=renorm_momentum,
         **kwargs,

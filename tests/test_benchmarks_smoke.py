@@ -6,6 +6,8 @@ import pytest
 
 run = pytest.importorskip("benchmarks.run")
 cases = pytest.importorskip("benchmarks.cases")
+peak_memory = pytest.importorskip("benchmarks.peak_memory")
+platform_info = pytest.importorskip("benchmarks.platform_info")
 
 
 @pytest.fixture(scope="module")
@@ -62,5 +64,29 @@ def test_inference_compile_memory_and_targets_are_reported(quick_results):
     _, memory_rows = _table(quick_results, "training-step peak memory")
     memory = {row[0]: row for row in memory_rows}
     assert set(memory) == {"ours BN", "tf_keras fused BN"}
-    assert float(memory["ours BN"][1]) > 0
+    for row in memory.values():
+        # A training step returns dx, as large as x: at least one input's size.
+        assert 1.0 <= float(row[2]) < 20.0, row
     assert "## Targets" in quick_results
+
+
+def test_header_records_the_platform_and_the_memory_method(quick_results):
+    (machine,) = [line for line in quick_results.splitlines() if line.startswith("Machine: ")]
+    assert platform_info.cpu_model() in machine
+    onednn = {True: "oneDNN on", False: "oneDNN off"}[platform_info.onednn_enabled()]
+    assert onednn in machine and "CPU allocator: " in machine
+    bfc = platform_info.bfc_allocator()
+    assert ("CPU allocator: BFC" in machine) == bfc
+    method = peak_memory.METHODS[peak_memory.BFC if bfc else peak_memory.RSS]
+    assert f"Method: {method}." in quick_results
+
+
+def test_platform_flags_name_the_vector_extensions_tensorflow_uses():
+    flags = platform_info.cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this machine: nothing to compare with")
+    with open("/proc/cpuinfo") as f:
+        listed = set(next(line for line in f if line.startswith(("flags", "Features"))).split())
+    assert set(flags) <= listed
+    assert ("avx2" in listed) == ("avx2" in flags)
+    assert all(flag.startswith(("avx", "fma", "f16c", "amx")) for flag in flags)

@@ -18,6 +18,7 @@ from tensorflow.python.framework import op_def_registry
 import kerasbn
 from kerasbn.export import ExportDirExistsError, folding
 from kerasbn.export.graph import find_fold_pairs
+from platform_support import runs_channels_first_conv
 from serving.isolation import load_in_fresh_process
 
 RTOL = 1e-5
@@ -52,18 +53,28 @@ def random_inputs(model, batch=3, seed=1):
     }
 
 
-def keras_outputs(model, inputs):
-    """`{output name: array}` computed by the Keras model itself."""
+def keras_outputs(model, inputs, jit_compile=False):
+    """`{output name: array}` computed by the Keras model itself (through XLA if asked)."""
     arrays = [inputs[t.name] for t in model.inputs]
+    if jit_compile:
+        model.compile(jit_compile=True)
     outputs = model.predict(arrays[0] if len(arrays) == 1 else arrays, verbose=0)
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
     return dict(zip(model.output_names, outputs))
 
 
-def serve(path, inputs):
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-    outputs = signature(**{k: tf.constant(v) for k, v in inputs.items()})
+def serve(path, inputs, jit_compile=False):
+    """Outputs of the SavedModel's signature, called inside an XLA function if asked."""
+    loaded = tf.saved_model.load(str(path))
+    signature = loaded.signatures["serving_default"]
+
+    def call(kwargs):
+        return signature(**kwargs)
+
+    if jit_compile:
+        call = tf.function(call, jit_compile=True)
+    outputs = call({k: tf.constant(v) for k, v in inputs.items()})
     return {k: v.numpy() for k, v in outputs.items()}
 
 
@@ -161,7 +172,11 @@ def test_folding_keeps_the_kernel_dtype_and_rejects_mismatches(rng):
 
 
 def foldable_model():
-    """One branch per foldable (producer, batch norm) pair; one output each."""
+    """One branch per foldable (producer, batch norm) pair; one output each.
+
+    Channels-first convolutions are in `channels_first_model`: TensorFlow runs
+    them on a CPU only with oneDNN or inside XLA.
+    """
     renorm = getattr(kerasbn, "BatchRenorm", None)
     inputs, outputs = [], []
 
@@ -182,12 +197,6 @@ def foldable_model():
         (4, 4, 4, 2),
         keras.layers.Conv3D(3, 2, use_bias=False, name="c3"),
         kerasbn.BatchNorm(center=False, name="c3_bn"),
-    )
-    branch(
-        "cf",
-        (2, 6, 6),
-        keras.layers.Conv2D(3, 3, data_format="channels_first", name="cf"),
-        kerasbn.BatchNorm(axis=1, name="cf_bn"),
     )
     branch(
         "dw",
@@ -243,7 +252,7 @@ def unfoldable_model():
 def test_every_supported_pair_is_found():
     model = foldable_model()
     found = {(p.producer.name, p.normalization.name) for p in find_fold_pairs(model)}
-    names = ["c1", "c2", "c3", "cf", "dw", "dw1", "d3", "inner"]
+    names = ["c1", "c2", "c3", "dw", "dw1", "d3", "inner"]
     if hasattr(kerasbn, "BatchRenorm"):
         names.append("dr")
     assert found == {(name, f"{name}_bn") for name in names}
@@ -334,6 +343,38 @@ def test_signature_names_and_unknown_batch_dimension(foldable_exports):
         inputs = random_inputs(e["model"], batch=batch, seed=batch)
         outputs = served(**{k: tf.constant(v) for k, v in inputs.items()})
         assert_close({k: v.numpy() for k, v in outputs.items()}, keras_outputs(e["model"], inputs))
+
+
+def channels_first_model():
+    """Channels-first convolutions, each followed by a batch norm over axis 1."""
+    x = keras.Input((2, 6, 6), name="cf_in")
+    y = keras.layers.Conv2D(3, 3, data_format="channels_first", name="cf")(x)
+    y = kerasbn.BatchNorm(axis=1, name="cf_bn")(y)
+    s = keras.Input((3, 9), name="cf1_in")
+    z = keras.layers.Conv1D(4, 3, data_format="channels_first", use_bias=False, name="cf1")(s)
+    z = keras.layers.BatchNormalization(axis=1, epsilon=1e-2, name="cf1_bn")(z)
+    return keras.Model([x, s], [y, z], name="channels_first")
+
+
+def test_channels_first_convolutions_are_folded_and_match_keras_on_every_cpu(tmp_path):
+    """The Keras reference and both exports are evaluated inside XLA, which runs
+    channels-first convolutions on any CPU; where TensorFlow also runs them as
+    plain ops (oneDNN on), the served graphs are checked as they are too."""
+    model = randomize(channels_first_model(), seed=17)
+    found = {(p.producer.name, p.normalization.name) for p in find_fold_pairs(model)}
+    assert found == {("cf", "cf_bn"), ("cf1", "cf1_bn")}
+    inputs = random_inputs(model)
+    expected = keras_outputs(model, inputs, jit_compile=True)
+    folded = kerasbn.export_for_serving(model, tmp_path / "folded" / "1")
+    unfolded = kerasbn.export_for_serving(model, tmp_path / "unfolded" / "1", fold_batchnorm=False)
+    folded_report, unfolded_report = graph_report(folded), graph_report(unfolded)
+    assert not folded_report["ops"] & NORMALIZATION_OPS and "Rsqrt" in unfolded_report["ops"]
+    for report in (folded_report, unfolded_report):
+        assert report["xla"] == [] and report["unknown_ops"] == set()
+    for path in (folded, unfolded):
+        assert_close(serve(path, inputs, jit_compile=True), expected)
+        if runs_channels_first_conv():
+            assert_close(serve(path, inputs), expected)
 
 
 def test_unfoldable_model_exports_unchanged_and_matches_keras(tmp_path):

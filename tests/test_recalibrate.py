@@ -6,16 +6,19 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from platform_support import requires_keras_renorm
 
 
-def layer_inputs(model, layer_name, x):
+def layer_inputs(model, layer_name, x, jit_compile=False):
     """Inputs of a layer over `x`, with every layer in inference mode, in float64."""
     probe = keras.Model(model.inputs, model.get_layer(layer_name).input)
+    if jit_compile:
+        probe.compile(jit_compile=True)
     return probe.predict(x, verbose=0).astype("float64")
 
 
-def assert_exact(model, layer_name, x, axis=-1):
-    h = layer_inputs(model, layer_name, x)
+def assert_exact(model, layer_name, x, axis=-1, jit_compile=False):
+    h = layer_inputs(model, layer_name, x, jit_compile)
     axes = tuple(a for a in range(h.ndim) if a != axis % h.ndim)
     layer = model.get_layer(layer_name)
     np.testing.assert_allclose(layer.moving_mean.numpy(), h.mean(axis=axes), rtol=1e-5, atol=1e-6)
@@ -165,8 +168,16 @@ def test_masked_positions_are_excluded(rng):
 
 
 def test_nested_models_and_channels_first(rng):
+    # Channels-first batch norms around a channels-last convolution, which
+    # every CPU runs (see the next test for a channels-first convolution).
     inner = keras.Sequential(
-        [keras.Input((3, 5, 5)), keras.layers.Conv2D(4, 3, data_format="channels_first"), kerasbn.BatchNorm(axis=1, name="inner_bn")]
+        [
+            keras.Input((3, 5, 5)),
+            keras.layers.Permute((2, 3, 1)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.Permute((3, 1, 2)),
+            kerasbn.BatchNorm(axis=1, name="inner_bn"),
+        ]
     )
     inputs = keras.Input((3, 5, 5))
     outputs = keras.layers.BatchNormalization(axis=1, name="outer_bn")(inner(inputs))
@@ -178,6 +189,23 @@ def test_nested_models_and_channels_first(rng):
     np.testing.assert_allclose(
         model.get_layer("outer_bn").moving_variance.numpy(), h.var(axis=(0, 2, 3)), rtol=1e-5
     )
+
+
+def test_a_model_compiled_with_xla_is_recalibrated_through_xla(rng):
+    """TensorFlow runs a channels-first Conv2D on a CPU only with oneDNN or inside
+    XLA: compiled with jit_compile=True, such a model predicts on every CPU, and
+    recalibrate runs it the same way."""
+    inputs = keras.Input((3, 6, 6))
+    h = keras.layers.Conv2D(4, 3, data_format="channels_first")(inputs)
+    h = kerasbn.BatchNorm(axis=1, name="ours")(h)
+    h = keras.layers.Conv2D(2, 3, data_format="channels_first")(keras.layers.ReLU()(h))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(axis=1, name="theirs")(h))
+    model.compile(jit_compile=True)
+    x = rng.normal(1.0, 2.0, (20, 3, 6, 6)).astype("float32")
+    reports = kerasbn.recalibrate(model, x, batch_size=8, verbose=0)
+    assert [(r.name, r.level, r.count) for r in reports] == [("ours", 0, 320), ("theirs", 1, 80)]
+    for name in ("ours", "theirs"):
+        assert_exact(model, name, x, axis=1, jit_compile=True)
 
 
 def test_layers_are_restored_even_after_an_error(rng):
@@ -211,10 +239,15 @@ def test_bad_arguments_are_named(rng):
         kerasbn.recalibrate(branching_model(), tf.data.Dataset.from_tensors(x).repeat())
 
 
-def test_batch_renorm_layers_get_exact_statistics_in_every_moving_variable(rng):
+@pytest.mark.parametrize("second", ["kerasbn", pytest.param("keras", marks=requires_keras_renorm)])
+def test_batch_renorm_layers_get_exact_statistics_in_every_moving_variable(rng, second):
     inputs = keras.Input((4,))
     a = kerasbn.BatchRenorm(name="ours")(keras.layers.Dense(3)(inputs))
-    b = keras.layers.BatchNormalization(renorm=True, name="theirs")(keras.layers.Dense(2)(a))
+    if second == "keras":
+        theirs = keras.layers.BatchNormalization(renorm=True, name="theirs")
+    else:
+        theirs = kerasbn.BatchRenorm(name="theirs")
+    b = theirs(keras.layers.Dense(2)(a))
     model = keras.Model(inputs, b)
     x = rng.normal(1.0, 2.0, (60, 4)).astype("float32")
     kerasbn.recalibrate(model, x, batch_size=16, verbose=0)

@@ -15,6 +15,7 @@ from tensorflow.python.eager import record
 import kerasbn
 from kerasbn import kernels
 from kerasbn.kernels.compile import kernel as compile_kernel
+from platform_support import keras_batch_renorm
 from references import central_differences
 
 
@@ -41,9 +42,7 @@ PAIRS = {
     ),
     "BatchRenorm": (
         lambda jit: kerasbn.BatchRenorm(r_max=1.5, d_max=0.5, dtype="float64", jit_compile=jit),
-        lambda: keras.layers.BatchNormalization(
-            dtype="float64", renorm=True, renorm_clipping=RENORM_CLIPPING
-        ),
+        lambda: keras_batch_renorm(dtype="float64", renorm_clipping=RENORM_CLIPPING),
     ),
     "GroupNorm": (
         lambda jit: kerasbn.GroupNorm(groups=2, dtype="float64", jit_compile=jit),

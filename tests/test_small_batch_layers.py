@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from platform_support import keras_batch_renorm
 from references import batch_norm_reference
 from test_group_norm import group_norm_reference
 
@@ -19,8 +20,8 @@ LAYERS = {
 def keras_equivalent(name):
     if name == "GroupNorm":
         return keras.layers.GroupNormalization(groups=2)
-    return keras.layers.BatchNormalization(
-        momentum=0.9, renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}
+    return keras_batch_renorm(
+        momentum=0.9, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}
     )
 
 

@@ -71,6 +71,12 @@ def recalibrate(model, data, steps=None, *, batch_size=32, verbose=1):
     of conv-BN blocks needs one per block (a single pass cannot be exact there:
     each layer's inputs change when the layer above it is recalibrated).
 
+    The passes run the model as its `predict` does: compiled with XLA when
+    `model.jit_compile` is True (e.g. after `model.compile(jit_compile=True)`),
+    as ordinary TensorFlow ops otherwise. A model that runs on this machine
+    only through XLA (a channels-first `Conv2D` on a CPU without oneDNN)
+    recalibrates once compiled with `jit_compile=True`.
+
     Args:
       model: a built Keras model. `ValueError` if unbuilt or without
         normalization layers.
@@ -112,7 +118,7 @@ def recalibrate(model, data, steps=None, *, batch_size=32, verbose=1):
         for level in range(passes):
             active = [layer for layer in reached if layer_levels[layer] == level]
             probe.start(active)
-            forward = tf.function(lambda x: model(x, training=False))
+            forward = tf.function(lambda x: model(x, training=False), jit_compile=_jit_compile(model))
             if verbose:
                 print(f"Recalibration pass {level + 1}/{passes}: {len(active)} layer(s)")
             progress = keras.utils.Progbar(source.length, verbose=verbose)
@@ -220,6 +226,11 @@ def _write_back(layer, moments, level):
         mean=mean,
         variance=variance,
     )
+
+
+def _jit_compile(model):
+    """True when Keras would run `model.predict` through XLA (`model.jit_compile`)."""
+    return getattr(model, "jit_compile", False) is True
 
 
 def _input_count(model):
