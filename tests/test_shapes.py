@@ -67,6 +67,9 @@ BATCHES = (1, 3, 0)
 DTYPES = ("float32", "float64")
 # Against float64 references, relative to the largest value compared.
 TOLERANCE = {"float32": 2e-4, "float64": 1e-6}
+# Keras' masked BatchNormalization divides its sums by count + 1e-7: with one
+# or two counted elements its output is off by up to 1e-4 of the largest value.
+KERAS_MASKED_TOLERANCE = 2e-4
 
 
 def input_shape(batch, rank, axis):
@@ -374,6 +377,8 @@ def check_batch(row, batch):
     assert_close(ours, formula, tolerance, f"{context}, formula")
     if keras_defines(row.name, row.axis, batch, mask):
         theirs = layer_run(keras_layer(row.name, row.axis), shape, weights, mask, row.training)
+        if mask is not None:
+            tolerance = max(tolerance, KERAS_MASKED_TOLERANCE)
         assert_close(ours, results(theirs, x, weight), tolerance, f"{context}, keras")
 
 

@@ -42,10 +42,17 @@ def pairs():
 
 
 def build_model(norm):
+    """Dense, norm, ReLU, pooling, Dense on 5x5x2 inputs.
+
+    The first layer is a per-position Dense rather than a Conv2D: with oneDNN
+    on (TF_ENABLE_ONEDNN_OPTS=1), TensorFlow 2.21's Conv2D returns its input's
+    shape for an empty batch ((0, 5, 5, 2) instead of (0, 5, 5, 4)), which
+    breaks every model after it, Keras' own layers included.
+    """
     import keras
 
     inputs = keras.Input((5, 5, 2))
-    h = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    h = keras.layers.Dense(4, use_bias=False)(inputs)
     h = norm()(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
