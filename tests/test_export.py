@@ -458,6 +458,76 @@ def test_tflite_conversion_gives_the_same_outputs(tmp_path):
     np.testing.assert_allclose(result, model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
 
 
+# -- mixed precision ---------------------------------------------------------------
+
+
+def mixed_precision_model(policy):
+    """A Conv2D and a Dense branch, each followed by a foldable batch norm."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        image = keras.Input((8, 8, 3), name="image")
+        features = keras.Input((24,), name="features")
+        conv = kerasbn.BatchNorm(name="conv_bn")(keras.layers.Conv2D(16, 3, name="conv")(image))
+        dense = kerasbn.BatchNorm(name="dense_bn")(keras.layers.Dense(16, name="dense")(features))
+        return keras.Model([image, features], [conv, dense])
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def producer_terms(model, inputs, absolute):
+    """Each producer's output in float64, or with `absolute` `|x| ⊛ |K| + |c|`."""
+    terms = {}
+    for name, input_name in (("conv", "image"), ("dense", "features")):
+        layer = model.get_layer(name)
+        x, kernel, bias = inputs[input_name], layer.kernel.numpy(), layer.bias.numpy()
+        if absolute:
+            x, kernel, bias = np.abs(x), np.abs(kernel), np.abs(bias)
+        x = tf.constant(x, tf.float64)
+        if name == "conv":
+            terms[name] = tf.nn.conv2d(x, kernel, 1, "VALID").numpy() + bias
+        else:
+            terms[name] = x.numpy() @ kernel + bias
+    return terms
+
+
+@pytest.mark.parametrize("policy,unit_roundoff", [("mixed_float16", 2**-11), ("mixed_bfloat16", 2**-8)])
+def test_folding_under_mixed_precision_is_as_exact_as_the_model(tmp_path, policy, unit_roundoff):
+    """Folded or not, the producer computes in the compute dtype: the export and
+    `predict` are off the exact (float64) result by the same rounding, and
+    differ by at most 2u·S, S = |γ|/sqrt(σ² + ε)·(|x| ⊛ |K| + |c|) (the README's
+    bound). The dense branch's inputs have a mean ten times their spread."""
+    rng = np.random.default_rng(0)
+    inputs = {
+        "image": rng.normal(0.0, 1.0, (64, 8, 8, 3)).astype("float32"),
+        "features": rng.normal(10.0, 1.0, (64, 24)).astype("float32"),
+    }
+    exact_model = randomize(mixed_precision_model("float64"))
+    for name, terms in producer_terms(exact_model, inputs, absolute=False).items():
+        # Statistics of the data, as after kerasbn.recalibrate: outputs of order 1.
+        axes = tuple(range(terms.ndim - 1))
+        exact_model.get_layer(f"{name}_bn").moving_mean.assign(terms.mean(axes))
+        exact_model.get_layer(f"{name}_bn").moving_variance.assign(terms.var(axes))
+    model = mixed_precision_model(policy)
+    model.set_weights([w.astype("float32") for w in exact_model.get_weights()])
+    exact = keras_outputs(exact_model, {k: v.astype("float64") for k, v in inputs.items()})
+    predicted = keras_outputs(model, inputs)
+    path = kerasbn.export_for_serving(model, tmp_path / "1")
+    assert not graph_report(path)["ops"] & NORMALIZATION_OPS  # both were folded
+    served = serve(path, inputs)
+    for name, terms in producer_terms(exact_model, inputs, absolute=True).items():
+        bn = exact_model.get_layer(f"{name}_bn")
+        scale = np.abs(bn.gamma.numpy()) / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        bound = 2 * unit_roundoff * (terms * scale).max()
+        folded = served[f"{name}_bn"].astype("float64")
+        unfolded = predicted[f"{name}_bn"].astype("float64")
+        for label, difference in (
+            ("folded vs predict", folded - unfolded),
+            ("folded vs exact", folded - exact[f"{name}_bn"]),
+            ("predict vs exact", unfolded - exact[f"{name}_bn"]),
+        ):
+            assert np.abs(difference).max() <= bound, (name, label, np.abs(difference).max(), bound)
+
+
 # -- Keras' own exporter -----------------------------------------------------------
 
 

@@ -185,3 +185,16 @@ def test_padding_mask_from_embedding_reaches_the_layer(rng):
     vectors = model.layers[1](tokens).numpy()
     expected = group_norm_reference(vectors, np.ones(4), np.zeros(4), 2, 1e-3, -1, tokens > 0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_input_is_normalized_in_float_unlike_keras(rng):
+    x = rng.integers(-20, 100, (3, 5, 8)).astype("int32")
+    expected = group_norm_reference(x, np.ones(8), np.zeros(8), 2, 1e-3, -1)
+    ours = kerasbn.GroupNorm(groups=2)(x)
+    assert ours.dtype == "float32"
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-5)
+    # Keras' GroupNormalization casts its normalized values back to the input's
+    # dtype, truncating them to integers: errors near 1. If this starts failing,
+    # Keras fixed it.
+    theirs = np.asarray(keras.layers.GroupNormalization(groups=2)(x), np.float64)
+    assert np.abs(theirs - expected).max() > 0.5

@@ -55,7 +55,8 @@ class GroupNorm(keras.layers.Layer):
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
-      inputs: tensor of rank 3 or more (batch, spatial axes, channels).
+      inputs: tensor of rank 2 or more (batch, spatial axes if any, channels;
+        with rank 2 each group is normalized over its channels alone).
       mask: optional boolean tensor with the input's shape without the channel
         axis (e.g. a padding mask of a sequence). Masked positions are left out
         of their sample's statistics but are still normalized. A sample with
