@@ -89,7 +89,10 @@ def row_sums(values, block=BLOCK):
     partial = tf.reduce_sum(
         tf.reshape(values[..., :head], _concat_shape(lead, blocks, block)), axis=-1
     )
-    flat = tf.reshape(partial, tf.stack([-1, blocks]))
+    # The row count is given, not inferred with -1: with no block (length
+    # under `block`) `partial` is empty, and TensorFlow infers -1 as 1 for an
+    # empty tensor, whatever the rows (an empty batch then fails below).
+    flat = tf.reshape(partial, tf.stack([tf.reduce_prod(lead), blocks]))
     total = tf.reshape(tf.matmul(flat, _ones(blocks, values.dtype, column=True))[:, 0], lead)
     return total + tf.reduce_sum(values[..., head:], axis=-1)
 
