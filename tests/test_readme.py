@@ -52,3 +52,21 @@ def test_renorm_schedule_example_gives_the_papers_schedule():
     assert isinstance(layer, kerasbn.BatchRenorm)
     assert [float(layer.r_max(s)) for s in (5000, 40000)] == [1.0, 3.0]
     assert [float(layer.d_max(s)) for s in (5000, 25000)] == [0.0, 5.0]
+
+
+def test_ghost_batch_norm_example_normalizes_each_ghost_batch(rng):
+    namespace = {"keras": keras, "kerasbn": kerasbn}
+    exec(block_containing("virtual_batch_size=16"), namespace)
+    model = namespace["model"]
+    (layer,) = [layer for layer in model.layers if isinstance(layer, kerasbn.BatchNorm)]
+    assert layer.virtual_batch_size == 16 and layer.activation == "relu"
+    conv = model.layers[model.layers.index(layer) - 1]
+    probe = keras.Model(model.inputs, [conv.output, layer.output])
+    # 40 examples: ghost batches of 16, 16 and 8, each with its own statistics.
+    features, normalized = probe(rng.normal(size=(40, 32, 32, 3)).astype("float32"), training=True)
+    features = features.numpy().astype(np.float64)
+    for part in (slice(0, 16), slice(16, 32), slice(32, 40)):
+        block = features[part]
+        mean, var = block.mean(axis=(0, 1, 2)), block.var(axis=(0, 1, 2))
+        expected = np.maximum((block - mean) / np.sqrt(var + 1e-3), 0.0)
+        np.testing.assert_allclose(normalized.numpy()[part], expected, atol=1e-4)
