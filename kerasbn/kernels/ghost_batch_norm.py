@@ -9,8 +9,8 @@ strides instead: its ghost batch j holds examples j, j + B/v, j + 2B/v, ...)
 The q = B // v full ghost batches are the first q·v examples viewed as
 `[q, v, ...]` (a free reshape), whose statistics are taken over every axis but
 the ghost axis and the feature axes: the per-sample layout of group norm, summed
-by `moments.sum_over` (one pass over x per sum, as fast as batch norm's for up
-to `moments.GROUP_MATMUL_LIMIT` ghost batches). The remainder is an ordinary
+by `moments.sum_over` (one pass over x per sum; for up to
+`moments.GROUP_MATMUL_LIMIT` ghost batches, arranged as batch norm's sums). The remainder is an ordinary
 batch. Per ghost batch g and feature, with N_g elements:
 
     x̂ = (x − μ_g) / sqrt(σ²_g + ε),    y = f(γ (r_g x̂ + d_g) + β)

@@ -90,8 +90,9 @@ def _group_totals(partial, groups, blocks):
     partial sums inside the fused first stage, which then reads the input less
     regularly (a per-group sum took twice as long as a plain column sum on
     64x56x56x64). Up to `GROUP_MATMUL_LIMIT` groups, one product with a
-    block-diagonal matrix of ones adds them in place instead (as fast as a
-    plain column sum there); it costs G times the flops of the plain product,
+    block-diagonal matrix of ones adds them in place instead (within noise of
+    a plain column sum there, measured on a busy machine); it costs G times the
+    flops of the plain product,
     so more groups keep the batched product. `groups` and `blocks` are Python
     ints when known while tracing; with G unknown the choice is a `tf.cond`
     (XLA, which knows G, keeps one branch).

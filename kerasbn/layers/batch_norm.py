@@ -84,8 +84,8 @@ class BatchNorm(keras.layers.Layer):
       virtual_batch_size: None (default) or an int >= 1. Ghost batch
         normalization: in training, each slice of `virtual_batch_size`
         consecutive examples (examples 0..v-1, v..2v-1, ...) is normalized
-        with its own statistics instead of the whole batch's, with
-        hand-derived gradients in XLA kernels as fast as the plain layer's.
+        with its own statistics instead of the whole batch's, in XLA kernels
+        with hand-derived gradients like the plain layer's.
         When v does not divide the batch, the last ghost batch holds the
         remaining examples and gets its own statistics; a batch smaller than
         v is one ghost batch. Inference is unchanged (moving statistics, any
