@@ -111,12 +111,30 @@ def available(name):
 
 
 _RENORM = dict(renorm_momentum=0.99, r_max=3.0, d_max=5.0)
+# Ghost batch norm: 16 examples per ghost batch (4 of them in a batch of 64).
+VIRTUAL_BATCH_SIZE = 16
 
 LAYERS = (
     LayerSpec("ours_bn", "ours BN", "bn", True, False, _ours("BatchNorm")),
     LayerSpec("ours_bn_jit", "ours BN, jit", "bn", True, True, _ours("BatchNorm")),
     LayerSpec("ours_brn", "ours BRN", "bn", True, False, _ours("BatchRenorm", **_RENORM)),
     LayerSpec("ours_brn_jit", "ours BRN, jit", "bn", True, True, _ours("BatchRenorm", **_RENORM)),
+    LayerSpec(
+        "ours_gbn",
+        f"ours ghost BN (v={VIRTUAL_BATCH_SIZE})",
+        "ghost",
+        True,
+        False,
+        _ours("BatchNorm", virtual_batch_size=VIRTUAL_BATCH_SIZE),
+    ),
+    LayerSpec(
+        "ours_gbn_jit",
+        f"ours ghost BN (v={VIRTUAL_BATCH_SIZE}), jit",
+        "ghost",
+        True,
+        True,
+        _ours("BatchNorm", virtual_batch_size=VIRTUAL_BATCH_SIZE),
+    ),
     LayerSpec("fused_bn", "tf_keras fused BN", "bn", False, False, _fused_bn),
     LayerSpec("keras_bn", "Keras 3 BN", "bn", False, False, _keras("BatchNormalization")),
     LayerSpec("keras_bn_jit", "Keras 3 BN, jit", "bn", False, True, _keras("BatchNormalization")),

@@ -40,6 +40,9 @@ DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results.md")
 MEMORY_KEYS = ("ours_bn", "ours_bn_jit", "ours_brn", "ours_gn", "fused_bn", "keras_bn_jit", "keras_gn_jit")
 QUICK_MEMORY_KEYS = ("ours_bn", "fused_bn")
 
+# Ghost batch norm against our batch norm on the same total batch.
+GHOST_PAIRS = (("ours_gbn", "ours_bn"), ("ours_gbn_jit", "ours_bn_jit"))
+
 COPY = "copy of x (floor)"
 AFFINE = "jit x·scale+shift (floor)"
 
@@ -166,6 +169,7 @@ def comparisons(specs):
     for brn, bn in (("ours_brn", "ours_bn"), ("ours_brn_jit", "ours_bn_jit")):
         if brn in keys:
             pairs.append((brn, bn))
+    pairs += [(ghost, bn) for ghost, bn in GHOST_PAIRS if ghost in keys and bn in keys]
     return pairs
 
 
@@ -256,6 +260,13 @@ def target_lines(results, memory, shape):
         check(
             f"{C.LAYERS_BY_KEY[brn].title} training time ÷ {C.LAYERS_BY_KEY[bn].title}",
             slowdown(brn, bn),
+            1.1,
+            higher_is_better=False,
+        )
+    for ghost, bn in GHOST_PAIRS:
+        check(
+            f"{C.LAYERS_BY_KEY[ghost].title} training time ÷ {C.LAYERS_BY_KEY[bn].title}",
+            slowdown(ghost, bn),
             1.1,
             higher_is_better=False,
         )

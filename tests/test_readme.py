@@ -87,3 +87,21 @@ def test_conversion_doc_examples_run_in_order_and_print_what_they_claim(capsys):
         "Activation", "GlobalAveragePooling2D", "Dense",
     ]
     assert model.get_layer("bn1").__class__ is keras.layers.BatchNormalization  # left alone
+
+
+def test_ghost_batch_norm_example_normalizes_each_ghost_batch(rng):
+    namespace = {"keras": keras, "kerasbn": kerasbn}
+    exec(block_containing("virtual_batch_size=16"), namespace)
+    model = namespace["model"]
+    (layer,) = [layer for layer in model.layers if isinstance(layer, kerasbn.BatchNorm)]
+    assert layer.virtual_batch_size == 16 and layer.activation == "relu"
+    conv = model.layers[model.layers.index(layer) - 1]
+    probe = keras.Model(model.inputs, [conv.output, layer.output])
+    # 40 examples: ghost batches of 16, 16 and 8, each with its own statistics.
+    features, normalized = probe(rng.normal(size=(40, 32, 32, 3)).astype("float32"), training=True)
+    features = features.numpy().astype(np.float64)
+    for part in (slice(0, 16), slice(16, 32), slice(32, 40)):
+        block = features[part]
+        mean, var = block.mean(axis=(0, 1, 2)), block.var(axis=(0, 1, 2))
+        expected = np.maximum((block - mean) / np.sqrt(var + 1e-3), 0.0)
+        np.testing.assert_allclose(normalized.numpy()[part], expected, atol=1e-4)

@@ -9,6 +9,7 @@ from kerasbn.kernels.compile import jit_disabled, xla_allowed
 from kerasbn.kernels.warmup import ShapeUse, get_xla_policy, set_xla_policy, xla_policy
 from kerasbn.kernels.batch_norm import batch_norm_inference, batch_norm_train
 from kerasbn.kernels.batch_renorm import batch_renorm_train
+from kerasbn.kernels.ghost_batch_norm import ghost_batch_norm_train, ghost_batch_renorm_train
 from kerasbn.kernels.group_norm import group_norm
 from kerasbn.kernels.synchronized import (
     synchronized_batch_norm_train,
@@ -21,6 +22,8 @@ __all__ = [
     "batch_norm_train",
     "batch_renorm_train",
     "get_xla_policy",
+    "ghost_batch_norm_train",
+    "ghost_batch_renorm_train",
     "group_norm",
     "jit_disabled",
     "set_xla_policy",

@@ -23,6 +23,10 @@ its own.
 A feature with no element (empty or fully masked batch) has its inverse standard
 deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
 
+With statistics per ghost batch (`ghost_batch_norm.py`), μ_B, σ_B, N, S1, S2,
+r and d vary along a ghost axis over which γ and β are broadcast: the formulas
+above hold per ghost batch, and dγ, dβ are summed over the ghost axis.
+
 With statistics synchronised across replicas, N, S1 and S2 in dx are global: an
 `all_reduce` callable sums (S1, S2) over replicas, while dβ and dγ stay local
 (the distribution strategy sums the weight gradients itself).
@@ -92,7 +96,9 @@ def normalize_backward(
       activation: the fused activation's name, or None.
 
     Returns:
-      `dx` (shape of `x`) and `dγ`, `dβ` in broadcast shape.
+      `dx` (shape of `x`) and `dγ`, `dβ` in the broadcast shape of `gamma` and
+      `beta` (summed over the axes along which the statistics vary and the
+      parameters are broadcast: the ghost axis of per-ghost-batch statistics).
     """
     divisor = tf.maximum(count, 1.0)
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
@@ -114,7 +120,21 @@ def normalize_backward(
         statistics_term = tf.where(mask, statistics_term, tf.zeros_like(statistics_term))
     dx = dy * scale - statistics_term
     dgamma = sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy
-    return dx, dgamma, sum_dy
+    return dx, sum_to_shape_of(dgamma, gamma), sum_to_shape_of(sum_dy, beta)
+
+
+def sum_to_shape_of(gradient, parameter):
+    """Sums a per-feature gradient over the axes where `parameter` is broadcast.
+
+    A no-op for batch statistics (one per feature, as the parameter); with
+    statistics per ghost batch, the sum over the ghost axis.
+    """
+    axes = [
+        axis
+        for axis, (size, parameter_size) in enumerate(zip(gradient.shape, parameter.shape))
+        if parameter_size == 1 and size != 1
+    ]
+    return tf.reduce_sum(gradient, axis=axes, keepdims=True) if axes else gradient
 
 
 def normalize_with_batch_statistics(

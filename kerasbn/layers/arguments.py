@@ -10,6 +10,7 @@ import numbers
 import keras
 
 from kerasbn.kernels.activations import ACTIVATIONS
+from kerasbn.kernels.ghost_batch_norm import MOVING_STATISTICS
 
 
 def check_axis_argument(axis):
@@ -149,3 +150,25 @@ def check_activation(activation):
         f"'swish', 'hard_swish', or the keras.activations function of one of these "
         f"names, with its default arguments). Received: activation={activation!r}"
     )
+
+
+def check_virtual_batch_size(value):
+    """None, or an int >= 1 (a Python or NumPy integer, not a bool)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            "Argument `virtual_batch_size` must be None or an int >= 1 (the number of "
+            f"examples per ghost batch). Received: virtual_batch_size={value!r}"
+        )
+    return int(value)
+
+
+def check_moving_statistics(value):
+    """One of `ghost_batch_norm.MOVING_STATISTICS`."""
+    if not isinstance(value, str) or value not in MOVING_STATISTICS:
+        choices = " or ".join(repr(choice) for choice in MOVING_STATISTICS)
+        raise ValueError(
+            f"Argument `moving_statistics` must be {choices}. Received: moving_statistics={value!r}"
+        )
+    return value

@@ -81,6 +81,30 @@ class BatchNorm(keras.layers.Layer):
         (`fit(jit_compile=True)`, which compiles them with the step) run plain
         TensorFlow ops, so no call waits for a compilation of ours at a new
         batch size. False: plain TensorFlow ops always.
+      virtual_batch_size: None (default) or an int >= 1. Ghost batch
+        normalization: in training, each slice of `virtual_batch_size`
+        consecutive examples (examples 0..v-1, v..2v-1, ...) is normalized
+        with its own statistics instead of the whole batch's, in XLA kernels
+        with hand-derived gradients like the plain layer's.
+        When v does not divide the batch, the last ghost batch holds the
+        remaining examples and gets its own statistics; a batch smaller than
+        v is one ghost batch. Inference is unchanged (moving statistics, any
+        batch size). Masks, `activation` and mixed precision apply per ghost
+        batch. With `synchronized=True` ghost batches are cut within each
+        replica's batch and normalized locally; only the moving statistics
+        are combined over replicas (one all-reduce per call), so they are
+        identical on every replica. `ValueError` if not None or an int >= 1
+        (a bool, a float, 0 or a negative number).
+      moving_statistics: "batch" (default) or "ghost_mean". What the moving
+        averages follow when `virtual_batch_size` is set. "batch": the exact
+        mean and biased variance of the whole batch, from its ghost batches by
+        the law of total variance (what `kerasbn.recalibrate` computes).
+        "ghost_mean": tf_keras' rule, the mean of the ghost batches' means and
+        of their variances (weighted by their element counts, i.e. equally
+        when v divides the batch and nothing is masked); its moving variance
+        leaves out the spread of the ghost means. For models migrated from
+        tf_keras. Without `virtual_batch_size` both are the batch statistics.
+        `ValueError` for any other value.
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -101,15 +125,23 @@ class BatchNorm(keras.layers.Layer):
       - NaN or inf in the (unmasked) input: the output is NaN for the affected
         features, and their moving statistics keep their previous value rather
         than becoming NaN. Other features update normally.
+      - With `virtual_batch_size`, the same rules hold per ghost batch: a
+        ghost batch of one example per feature (rank 2) has zero variance and
+        outputs `beta`, a fully masked ghost batch outputs `beta`, and the
+        moving statistics skip a feature only when the whole batch has no
+        element (or a non-finite statistic) there.
 
     Mixed precision: under `mixed_float16` or `mixed_bfloat16` the statistics,
     the weights and the arithmetic are float32 and the output has the compute
     dtype. Inputs are not autocast, so float32 inputs above float16's range
     normalize correctly instead of overflowing to inf.
 
-    Reference:
+    References:
       Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
       by Reducing Internal Covariate Shift", ICML 2015.
+      Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the
+      generalization gap in large batch training of neural networks", NeurIPS
+      2017 (ghost batch normalization).
     """
 
     def __init__(
@@ -130,6 +162,8 @@ class BatchNorm(keras.layers.Layer):
         synchronized=False,
         activation=None,
         jit_compile=True,
+        virtual_batch_size=None,
+        moving_statistics="batch",
         **kwargs,
     ):
         # Inputs are upcast by the layer itself: Keras' autocast would turn a
@@ -142,6 +176,8 @@ class BatchNorm(keras.layers.Layer):
         self.synchronized = arguments.check_bool(synchronized, "synchronized")
         self.activation = arguments.check_activation(activation)
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
+        self.virtual_batch_size = arguments.check_virtual_batch_size(virtual_batch_size)
+        self.moving_statistics = arguments.check_moving_statistics(moving_statistics)
         set_affine_arguments(
             self,
             center=center,
@@ -216,6 +252,16 @@ class BatchNorm(keras.layers.Layer):
     def _finish(self, y):
         return tf.cast(y, self.compute_dtype)
 
+    def _ghost_options(self, all_reduce):
+        """Keyword arguments of the ghost training steps."""
+        return dict(
+            virtual_batch_size=self.virtual_batch_size,
+            moving_statistics=self.moving_statistics,
+            all_reduce=all_reduce,
+            jit_compile=self.jit_compile,
+            shape_use=self._shape_use,
+        )
+
     # -------------------------------------------------------------------------
 
     def call(self, inputs, training=None, mask=None):
@@ -224,7 +270,11 @@ class BatchNorm(keras.layers.Layer):
             return self._finish(self._inference(x, gamma, beta))
         train_step = kernels.batch_norm_train.get(self.jit_compile, self._shape_use)
         all_reduce = cross_replica_sum() if self.synchronized else None
-        if all_reduce is not None:
+        if self.virtual_batch_size is not None:
+            train_step = functools.partial(
+                kernels.ghost_batch_norm_train, **self._ghost_options(all_reduce)
+            )
+        elif all_reduce is not None:
             train_step = functools.partial(
                 kernels.synchronized_batch_norm_train, all_reduce=all_reduce
             )
@@ -259,6 +309,8 @@ class BatchNorm(keras.layers.Layer):
                 "synchronized": self.synchronized,
                 "activation": self.activation,
                 "jit_compile": self.jit_compile,
+                "virtual_batch_size": self.virtual_batch_size,
+                "moving_statistics": self.moving_statistics,
             }
         )
         return config

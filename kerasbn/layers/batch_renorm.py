@@ -62,6 +62,18 @@ class BatchRenorm(BatchNorm):
       synchronized: bool, default False. As for `BatchNorm`: under a
         distribution strategy, statistics (and therefore r and d) of the global
         batch.
+      virtual_batch_size: None (default) or an int >= 1, as for `BatchNorm`
+        (ghost batches). r and d are then computed per ghost batch,
+        r_g = clip(σ_g / σ, 1/r_max, r_max) and
+        d_g = clip((μ_g − μ) / σ, −d_max, d_max) with the ghost batch's own
+        statistics against the renorm averages (μ, σ), so every ghost batch is
+        corrected toward the same reference; this differs from tf_keras, which
+        takes one r and d from the average of the ghost statistics. All
+        moving and renorm averages follow the whole batch's statistics under
+        `moving_statistics`; with `synchronized=True` those are the global
+        batch's, and r, d stay per ghost batch (local).
+      moving_statistics: "batch" (default) or "ghost_mean", as for
+        `BatchNorm`.
       Every other argument (`axis`, `momentum`, `epsilon`, `center`, `scale`,
       initializers, regularizers, constraints, `activation`, `jit_compile`) is `BatchNorm`'s,
       with the same defaults and errors. `moving_variance_initializer` also
@@ -126,7 +138,11 @@ class BatchRenorm(BatchNorm):
             activation=self.activation,
         )
         all_reduce = cross_replica_sum() if self.synchronized else None
-        if all_reduce is not None:
+        if self.virtual_batch_size is not None:
+            y, new_state = kernels.ghost_batch_renorm_train(
+                x, gamma, beta, state, mask, r_max, d_max, **self._ghost_options(all_reduce), **options
+            )
+        elif all_reduce is not None:
             y, new_state = kernels.synchronized_batch_renorm_train(
                 x, gamma, beta, state, mask, r_max, d_max, all_reduce=all_reduce, **options
             )
