@@ -524,10 +524,35 @@ class WithOption(keras.layers.BatchNormalization):
         return {**super().get_config(), self.option_name: self.option}
 
 
-def test_ghost_batch_norm_option_is_an_error_naming_the_layer():
+def test_tf_keras_ghost_batch_norm_maps_onto_ours_with_tf_keras_moving_rule(rng):
+    """A tf_keras-style `virtual_batch_size` becomes ours, with tf_keras' rule
+    for the moving statistics (the mean of the ghost batches'), so the model
+    trains on as it did; the training step normalizes each ghost batch."""
+    original = small_model(WithOption(option=4, name="ghost", momentum=0.5))
+    converted = convert(original)
+    layer = converted.get_layer("ghost")
+    assert type(layer) is kerasbn.BatchNorm
+    assert layer.virtual_batch_size == 4 and layer.moving_statistics == "ghost_mean"
+    x = rng.normal(size=(8, *original.inputs[0].shape[1:])).astype("float32")
+    features = keras.Model(converted.inputs, layer.input)(x).numpy().astype(np.float64)
+    converted(x, training=True)
+    axes = tuple(range(features.ndim - 1))
+    ghost_means = [features[part].mean(axis=axes) for part in (slice(0, 4), slice(4, 8))]
+    ghost_vars = [features[part].var(axis=axes) for part in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * np.mean(ghost_means, 0), atol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), 0.5 + 0.5 * np.mean(ghost_vars, 0), atol=1e-5
+    )
+    renormalized = convert(original, batch_norm_to=kerasbn.BatchRenorm).get_layer("ghost")
+    assert type(renormalized) is kerasbn.BatchRenorm and renormalized.virtual_batch_size == 4
+
+
+def test_ghost_batch_norm_to_group_norm_is_an_error_naming_the_layer():
     message = r"'ghost' .*ghost batch normalization \(virtual_batch_size=4\)"
     with pytest.raises(ValueError, match=message):
-        convert(small_model(WithOption(option=4, name="ghost")))
+        convert(
+            small_model(WithOption(option=4, name="ghost")), batch_norm_to=kerasbn.GroupNorm, groups=1
+        )
 
 
 def test_an_unknown_option_is_an_error_naming_it_never_dropped():

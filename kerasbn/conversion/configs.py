@@ -38,10 +38,15 @@ GROUP_KEYS = (*BASE_KEYS, "groups", "axis", "epsilon", *AFFINE_KEYS)
 KERAS_RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
 OUR_RENORM_KEYS = ("r_max", "d_max", "renorm_momentum")
 OUR_KEYS = ("jit_compile", "activation")
+# tf_keras' ghost batch norm option, carried onto ours with tf_keras' rule for
+# the moving statistics (the mean of the ghost batches' statistics).
+GHOST_KEYS = ("virtual_batch_size",)
 
 # Options of tf_keras' BatchNormalization that Keras 3 dropped; a layer (a
 # compatibility subclass, say) may still carry them. None is their no-op value.
 _LEGACY_NO_OPS = {"fused": None, "virtual_batch_size": None, "adjustment": None}
+# Our options whose default leaves a Keras layer's behaviour unchanged.
+_OUR_NO_OPS = {"moving_statistics": "batch"}
 
 
 def keras_renorm_supported():
@@ -54,21 +59,29 @@ def read_keras_batch_norm(layer):
 
     Returns:
       `(config, renorm)`: `config` holds the keys `kerasbn.BatchNorm` shares
-      with it (`BATCH_KEYS`); `renorm` is None for a plain layer, else a dict
-      of `BatchRenorm` arguments `r_max`, `d_max`, `renorm_momentum`.
+      with it (`BATCH_KEYS`), plus, for a tf_keras-style layer with
+      `virtual_batch_size` set, `virtual_batch_size` and
+      `moving_statistics="ghost_mean"` (tf_keras' rule, so that the converted
+      model trains as the original did); `renorm` is None for a plain layer,
+      else a dict of `BatchRenorm` arguments `r_max`, `d_max`,
+      `renorm_momentum`.
 
     Raises:
       ValueError: naming the layer, for an unknown option, a tf_keras option
-        set to anything but its no-op value (`virtual_batch_size`: ghost batch
-        norm; `adjustment`), or renorm clipping that `BatchRenorm` cannot
-        express (`rmin` other than `1 / rmax`).
+        set to anything but its no-op value (`adjustment`, `fused`), or renorm
+        clipping that `BatchRenorm` cannot express (`rmin` other than
+        `1 / rmax`).
     """
-    config = _check_keys(layer, BATCH_KEYS + KERAS_RENORM_KEYS, "BatchNorm")
+    config = _check_keys(layer, BATCH_KEYS + KERAS_RENORM_KEYS + GHOST_KEYS, "BatchNorm")
     renorm = None
     if config.get("renorm"):
         renorm = dict(_renorm_limits(layer, config.get("renorm_clipping") or {}))
         renorm["renorm_momentum"] = config.get("renorm_momentum", 0.99)
-    return _select(config, BATCH_KEYS), renorm
+    selected = _select(config, BATCH_KEYS)
+    if config.get("virtual_batch_size") is not None:
+        selected["virtual_batch_size"] = config["virtual_batch_size"]
+        selected["moving_statistics"] = "ghost_mean"
+    return selected, renorm
 
 
 def read_keras_group_norm(layer):
@@ -108,13 +121,14 @@ def _check_keys(layer, known, target):
     for key, value in config.items():
         if key in known:
             continue
-        if key in _LEGACY_NO_OPS and value == _LEGACY_NO_OPS[key]:
+        no_ops = {**_LEGACY_NO_OPS, **_OUR_NO_OPS}
+        if key in no_ops and value == no_ops[key]:
             continue
         if key == "virtual_batch_size":
             raise ValueError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) uses ghost batch "
                 f"normalization (virtual_batch_size={value!r}), which {target} does not "
-                "support yet. Remove the option or keep the layer as it is."
+                "have. Remove the option or keep the layer as it is."
             )
         raise ValueError(
             f"Layer '{layer.name}' ({type(layer).__name__}) has the option "

@@ -107,9 +107,10 @@ def convert(
       ValueError: naming the layer, for what cannot be converted exactly: a
         subclassed model containing normalization layers, a normalization
         layer inside another layer (e.g. `TimeDistributed`), a subclass of
-        Keras' layers overriding `call`, an option our layers lack (e.g.
-        `virtual_batch_size`, ghost batch norm), renorm clipping with
-        `rmin != 1 / rmax`.
+        Keras' layers overriding `call`, an option our layers lack, renorm
+        clipping with `rmin != 1 / rmax`, ghost batch norm
+        (`virtual_batch_size`, carried onto `BatchNorm`/`BatchRenorm` with
+        tf_keras' moving-statistics rule) converted to `GroupNorm`.
 
     Example:
 
@@ -198,6 +199,12 @@ class _Conversion(Rebuilder):
         config, renorm = configs.read_keras_batch_norm(layer)
         target = self.batch_norm_to or (BatchRenorm if renorm else BatchNorm)
         if target is GroupNorm:
+            if "virtual_batch_size" in config:
+                raise ValueError(
+                    f"Layer '{layer.name}' uses ghost batch normalization "
+                    f"(virtual_batch_size={config['virtual_batch_size']!r}); converting it "
+                    "to GroupNorm would drop it. Convert it to BatchNorm or BatchRenorm."
+                )
             group_config = {key: config[key] for key in configs.GROUP_KEYS if key in config}
             group_config["groups"] = self._groups_for(layer)
             return _create(GroupNorm, group_config, self.jit_compile, activation)
