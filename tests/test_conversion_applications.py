@@ -37,7 +37,7 @@ APPLICATIONS = ("MobileNetV2", "EfficientNetB0", "ResNet50", "DenseNet121")
 DEFAULT_PATH = "MobileNetV2"  # converted with jit_compile=True, trained in a compiled step
 # Training is compared on the two models whose layers differ (depthwise convs,
 # ReLU6, swish, squeeze-excitation). ResNet50 and DenseNet121 add no layer kind
-# to train, only time (5 of CI's 29 minutes), and at 32x32 in batches of 4
+# to train, only time, and at 32x32 in batches of 4
 # their last stages have 1x1 maps where a ReLU input within roundoff of 0 may
 # flip between any two float64 computations (seen in CI: one output channel
 # of conv5_block3_2_conv, 16 of 2.4M kernel entries off by 1e-5): comparing
