@@ -75,8 +75,12 @@ test-min: $(MIN_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo
 
+# Layers alone (results.md), whole models (results_models.md), first calls at
+# new shapes (results_first_calls.md); each writes its table under benchmarks/.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.models
+	$(BIN)/python -m benchmarks.first_calls
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info

@@ -90,3 +90,46 @@ def test_platform_flags_name_the_vector_extensions_tensorflow_uses():
     assert set(flags) <= listed
     assert ("avx2" in listed) == ("avx2" in flags)
     assert all(flag.startswith(("avx", "fma", "f16c", "amx")) for flag in flags)
+
+
+def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
+    models = pytest.importorskip("benchmarks.models")
+    output = tmp_path / "models.md"
+    assert models.main(["--quick", "--output", str(output)]) == 0
+    text = output.read_text()
+    header, body = _table(text, "model, batch, input")
+    assert header[2:6] == [models.TITLES[v] for v in models.VARIANTS]
+    kinds = [row[1] for row in body]
+    assert kinds == ["plain", "predict"]
+    for row in body:
+        assert len(row) == len(header)
+        assert all(re.fullmatch(r"\d+ ms", cell) for cell in row[2:6]), row
+        assert all(re.fullmatch(r"[\d.]+×", cell) for cell in row[6:]), row
+    assert "Machine: " in text and "oneDNN" in text
+    assert "MobileNetV2 plain step, Keras ÷ kerasbn + act." in text
+
+
+def test_end_to_end_floor_model_has_no_normalization_and_the_same_weights():
+    models = pytest.importorskip("benchmarks.models")
+    import keras
+
+    case = models.QUICK_MODELS[0]
+    keras_model, floor = models.build(case, "keras"), models.build(case, "floor")
+    normalizations = (keras.layers.BatchNormalization, keras.layers.GroupNormalization)
+    assert any(isinstance(layer, normalizations) for layer in keras_model.layers)
+    assert not any(isinstance(layer, normalizations) for layer in floor.layers)
+    assert len(floor.layers) == len(keras_model.layers)
+
+
+def test_first_calls_tables_report_medians_ratios_and_verdicts():
+    first_calls = pytest.importorskip("benchmarks.first_calls")
+    results = {
+        (case, variant): [seconds, seconds + 2.0]
+        for case in first_calls.CASES
+        for variant, seconds in zip(first_calls.VARIANTS, (10.0, 11.0, 20.0, 40.0))
+    }
+    _, body = _table("\n".join(first_calls.table(results)), "new shapes")
+    assert [row[1:] for row in body] == [["11.0 s", "12.0 s", "21.0 s", "41.0 s", "1.09×", "1.95×"]] * 2
+    verdicts = first_calls.target_lines(results)
+    assert any("kerasbn time ÷ Keras BN: 1.09× (target ≤ 1.2×) — **met**" in line for line in verdicts)
+    assert any("kerasbn GN time ÷ Keras GN: 1.95× (target ≤ 1.5×) — **NOT met**" in line for line in verdicts)
