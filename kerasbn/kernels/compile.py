@@ -128,34 +128,58 @@ def residual(tensor):
 # -- compiled functions ------------------------------------------------------------
 
 
-class _PerRank:
-    """One `tf.function` per rank of the input `x`.
+def _relaxed(value):
+    """A tensor's spec with every dimension unknown (rank kept); other values as they are."""
+    if tf.is_tensor(value):
+        rank = value.shape.rank
+        return tf.TensorSpec(None if rank is None else [None] * rank, value.dtype)
+    return value
 
-    `reduce_retracing=True` lets a new batch size trace at most once more (with
-    an unknown batch dimension) instead of once per size; but fed two ranks it
-    would relax the input to an unknown rank, which the kernels cannot reduce
-    over. Keeping one function per rank keeps the rank static.
+
+def _signature_key(args, kwargs):
+    """What selects a trace: the structure, each tensor's dtype and rank, the other values."""
+    flat = tf.nest.flatten((args, kwargs))
+    structure = tf.nest.map_structure(lambda _: 0, (args, kwargs))
+    leaves = tuple(
+        (v.dtype.name, v.shape.rank) if tf.is_tensor(v) else ("static", repr(v)) for v in flat
+    )
+    return repr(structure), leaves
+
+
+class _Program:
+    """A `tf.function` traced once per signature, with every dimension unknown.
+
+    A kernel is traced for the dtypes and ranks of its tensors and the values
+    of its other arguments, never for sizes: one trace serves every layer of a
+    model and every batch size (XLA still compiles per concrete shape; the
+    plain graph runs as it is). Tracing costs about a millisecond per op, and a
+    kernel has hundreds, so this keeps a model's first step short.
+
+    `autograph=False`: the kernels branch only on Python values known while
+    tracing, so AutoGraph's source conversion has nothing to do.
     """
 
-    def __init__(self, fn, jit_compile, rank_of):
-        self._fn = fn
-        self._jit_compile = jit_compile
-        self._rank_of = rank_of
-        self._functions = {}
-
-    def function_for_rank(self, rank):
-        if rank not in self._functions:
-            self._functions[rank] = tf.function(
-                self._fn, jit_compile=self._jit_compile, reduce_retracing=True
-            )
-        return self._functions[rank]
+    def __init__(self, fn, jit_compile):
+        self._function = tf.function(
+            fn,
+            jit_compile=jit_compile,
+            autograph=False,
+            experimental_attributes={"_noinline": True},
+        )
+        self._traces = {}
 
     def __call__(self, *args, **kwargs):
-        return self.function_for_rank(self._rank_of(*args, **kwargs))(*args, **kwargs)
+        key = _signature_key(args, kwargs)
+        trace = self._traces.get(key)
+        if trace is None:
+            specs, kw_specs = tf.nest.map_structure(_relaxed, (args, kwargs))
+            trace = self._function.get_concrete_function(*specs, **kw_specs)
+            self._traces[key] = trace
+        return trace(*args, **kwargs)
 
     def experimental_get_tracing_count(self):
-        """Traces so far, over all ranks."""
-        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+        """Traces so far."""
+        return self._function.experimental_get_tracing_count()
 
 
 def _differentiable(value):
@@ -172,18 +196,39 @@ def _forward_program(fn):
     return forward
 
 
+def _inference_program(fn):
+    """The kernel alone: what a call without a recorded gradient runs.
+
+    No residual outputs: a function output the caller never uses makes
+    TensorFlow's graph optimizer copy the function for every call site (to
+    prune it), which costs about a second per layer in a model's first step.
+    """
+
+    def inference(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    inference.__name__ = f"inference_{fn.__name__}"
+    return inference
+
+
 def _backward_program(fn):
-    def backward(args, kwargs, residuals, upstream):
-        sources = [v for v in tf.nest.flatten((args, kwargs)) if _differentiable(v)]
+    def backward(args, kwargs, residuals, upstream, positions, upstream_positions):
+        """Gradients of the sources at `positions` (of the flattened arguments),
+        given the gradients `upstream` of the outputs at `upstream_positions`
+        (the others have none: zeros fed in would be constants, which also make
+        the graph optimizer copy the program per call site)."""
+        flat = tf.nest.flatten((args, kwargs))
+        sources = [flat[i] for i in positions]
         with _residual_scope(residuals):
             outputs = fn(*args, **kwargs)
+        outputs = [tf.nest.flatten(outputs)[i] for i in upstream_positions]
         # Symbolic gradients, not a tape: a tape records nothing when this
         # function is first traced while the thread's taping is paused (as
         # inside a ForwardAccumulator), and the trace would be reused. Zeros
         # for unconnected sources, so the XLA and plain programs return the
         # same structure (they are the two branches of a `tf.cond`).
         return tf.gradients(
-            tf.nest.flatten(outputs),
+            outputs,
             sources,
             grad_ys=upstream,
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -213,47 +258,71 @@ def _autodiff_gradients(fn, args, kwargs, positions, sources, upstream):
             tape.watch(sources)
             call_args, call_kwargs = _with_sources(args, kwargs, positions, sources)
             outputs = fn(*call_args, **call_kwargs)
+    pairs = [(o, g) for o, g in zip(tf.nest.flatten(outputs), upstream) if g is not None]
     return tape.gradient(
-        tf.nest.flatten(outputs),
+        [o for o, _ in pairs],
         list(sources),
-        output_gradients=list(upstream),
+        output_gradients=[g for _, g in pairs],
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
+
+
+# Which of a kernel's flattened outputs carry a gradient: the normalized
+# tensor, which every kernel returns first; the rest are statistics.
+GRADIENT_OUTPUTS = (0,)
 
 
 class _Programs:
     """A kernel's forward and backward programs, compiled one way (XLA or plain)."""
 
     def __init__(self, fn, jit_compile):
-        self.forward = _PerRank(
-            _forward_program(fn), jit_compile, lambda x, *args, **kwargs: len(x.shape)
+        self.forward = _Program(_forward_program(fn), jit_compile)
+        self.backward = _Program(_backward_program(fn), jit_compile)
+        self.inference = _Program(_inference_program(fn), jit_compile)
+
+    def experimental_get_tracing_count(self):
+        return (
+            self.forward.experimental_get_tracing_count()
+            + self.backward.experimental_get_tracing_count()
+            + self.inference.experimental_get_tracing_count()
         )
-        self.backward = _PerRank(
-            _backward_program(fn), jit_compile, lambda args, *rest: len(args[0].shape)
-        )
+
+
+class _Dispatch:
+    """Programs that count a training call and run the XLA or the plain programs.
+
+    Everything about the decision (`warmup.decide`) and the `tf.cond` between
+    the two lives inside these plain, non-inlined functions, traced once per
+    signature and shared by every layer: a layer's call adds a single function
+    call to the caller's graph, with its count table as an input. The forward
+    also returns its decision, which the backward takes.
+    """
+
+    def __init__(self, fn, xla):
+        plain_forward, plain_backward = _forward_program(fn), _backward_program(fn)
+
+        def forward(handle, *args, warmup_calls, max_shapes, **kwargs):
+            compiled = warmup.decide(handle, args[0], warmup_calls, max_shapes)
+            outputs, residuals = tf.cond(
+                compiled,
+                lambda: xla.forward(*args, **kwargs),
+                lambda: plain_forward(*args, **kwargs),
+            )
+            return outputs, residuals, compiled
+
+        def backward(compiled, *args):
+            return tf.cond(compiled, lambda: xla.backward(*args), lambda: plain_backward(*args))
+
+        forward.__name__ = f"dispatch_forward_{fn.__name__}"
+        backward.__name__ = f"dispatch_backward_{fn.__name__}"
+        self.forward = _Program(forward, jit_compile=False)
+        self.backward = _Program(backward, jit_compile=False)
 
     def experimental_get_tracing_count(self):
         return (
             self.forward.experimental_get_tracing_count()
             + self.backward.experimental_get_tracing_count()
         )
-
-
-def _select(compiled, if_xla, if_plain):
-    """`if_xla()` or `if_plain()`: statically when `compiled` is a bool, else a `tf.cond`."""
-    if isinstance(compiled, bool):
-        return if_xla() if compiled else if_plain()
-    return tf.cond(compiled, if_xla, if_plain)
-
-
-def _configuration_key(args, kwargs):
-    """What, besides the input shapes, makes two calls compile to different programs."""
-    flat = tf.nest.flatten((args, kwargs))
-    structure = tf.nest.map_structure(lambda _: 0, (args, kwargs))
-    tensors = tuple(
-        (v.dtype.name, v.shape.rank) if tf.is_tensor(v) else ("static", repr(v)) for v in flat
-    )
-    return repr(structure), tensors
 
 
 class Kernel:
@@ -276,6 +345,7 @@ class Kernel:
         self.fn = fn
         self.xla = _Programs(fn, jit_compile=True)
         self.plain = _Programs(fn, jit_compile=False)
+        self.dispatch = _Dispatch(fn, self.xla)
         self._shape_use = {}
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
@@ -298,48 +368,60 @@ class Kernel:
             (args, kwargs),
         )
         flat = tf.nest.flatten((args, kwargs))
-        positions = [i for i, value in enumerate(flat) if _differentiable(value)]
-        sources = [flat[i] for i in positions]
-        if sources and tf_internals.forward_accumulator_watches(sources):
+        differentiable = [i for i, value in enumerate(flat) if _differentiable(value)]
+        if differentiable and tf_internals.forward_accumulator_watches(
+            [flat[i] for i in differentiable]
+        ):
             # Under a forward accumulator (JVPs, forward-over-backward
             # Hessian-vector products): plain differentiable ops throughout.
             with differentiable_statistics():
                 return self.fn(*args, **kwargs)
-        if not sources or not tf_internals.gradient_recorded(sources, unknown=True):
-            outputs, _ = self.plain.forward(*args, **kwargs)
-            return outputs
-        compiled = self._compiled(args, kwargs, jit_compile, shape_use)
-        return self._call_recorded(args, kwargs, positions, sources, compiled)
+        # The sources of the gradient: what a tape records (the input, the
+        # trainable weights), not e.g. the moving statistics. The backward
+        # returns a gradient for these only: an unused output would make the
+        # graph optimizer copy the program for every call site.
+        positions = tuple(
+            i for i in differentiable if tf_internals.gradient_recorded([flat[i]], unknown=True)
+        )
+        if not positions:
+            return self.plain.inference(*args, **kwargs)
+        sources = [flat[i] for i in positions]
+        gate = self._gate(args, kwargs, jit_compile, shape_use)
+        return self._call_recorded(args, kwargs, positions, sources, gate)
 
-    def _compiled(self, args, kwargs, jit_compile, shape_use):
-        """False, or a bool tensor: whether this training call runs the XLA programs."""
+    def _gate(self, args, kwargs, jit_compile, shape_use):
+        """None for the plain programs, else the `ShapeUse` whose counts decide per call."""
         if not jit_compile or not xla_allowed() or tf_internals.in_xla_context():
-            return False
+            return None
         if shape_use is None:
-            key = _configuration_key(args, kwargs)
+            key = _signature_key(args, kwargs)
             if key not in self._shape_use:
-                self._shape_use[key] = warmup.ShapeUse(f"kernel {self.__name__} (configuration {len(self._shape_use)})")
+                description = f"kernel {self.__name__} (configuration {len(self._shape_use)})"
+                self._shape_use[key] = warmup.ShapeUse(description)
             shape_use = self._shape_use[key]
-        return shape_use.is_compiled(args[0])
+        return shape_use
 
-    def _call_recorded(self, args, kwargs, positions, sources, compiled):
+    def _call_recorded(self, args, kwargs, positions, sources, gate):
         @tf.custom_gradient
         def run(*sources):
             stopped_args, stopped_kwargs = _with_sources(
                 args, kwargs, positions, [tf.stop_gradient(source) for source in sources]
             )
-            outputs, residuals = _select(
-                compiled,
-                lambda: self.xla.forward(*stopped_args, **stopped_kwargs),
-                lambda: self.plain.forward(*stopped_args, **stopped_kwargs),
-            )
+            if gate is None:
+                outputs, residuals = self.plain.forward(*stopped_args, **stopped_kwargs)
+                compiled = None
+            else:
+                policy = warmup.get_xla_policy()
+                outputs, residuals, compiled = self.dispatch.forward(
+                    gate.handle(),
+                    *stopped_args,
+                    warmup_calls=policy["warmup_calls"],
+                    max_shapes=policy["max_shapes"],
+                    **stopped_kwargs,
+                )
             flat_outputs = tf.nest.flatten(outputs)
 
             def grad(*upstream, variables=None):
-                upstream = [
-                    tf.zeros_like(output) if g is None else g
-                    for g, output in zip(upstream, flat_outputs)
-                ]
                 grads = self._gradients(
                     args, kwargs, positions, sources, residuals, upstream, compiled
                 )
@@ -354,22 +436,31 @@ class Kernel:
     def _gradients(self, args, kwargs, positions, sources, residuals, upstream, compiled):
         """The backward program's gradients; exactly differentiable when recorded.
 
-        Recorded means that a gradient tape (or a forward accumulator started
-        after the forward pass) watches the sources or the upstream gradients.
+        `upstream` has None for outputs without a gradient. Recorded means that
+        a gradient tape (or a forward accumulator started after the forward
+        pass) watches the sources or the upstream gradients.
         """
-        if not tf_internals.gradient_possibly_watched(list(sources) + list(upstream)):
-            return list(
-                _select(
-                    compiled,
-                    lambda: self.xla.backward(args, kwargs, residuals, upstream),
-                    lambda: self.plain.backward(args, kwargs, residuals, upstream),
-                )
-            )
+        # Only the normalized output carries a gradient (the statistics the
+        # kernels return are under stop_gradient); a tape passes zeros for the
+        # others, which must not become inputs of the backward program.
+        present = tuple(i for i in GRADIENT_OUTPUTS if upstream[i] is not None)
+        given = [upstream[i] for i in present]
+        if not present:
+            return [tf.zeros_like(source) for source in sources]
+        if not tf_internals.gradient_possibly_watched(list(sources) + given):
+            inputs = (args, kwargs, residuals, given, positions, present)
+            if compiled is None:
+                return list(self.plain.backward(*inputs))
+            return list(self.dispatch.backward(compiled, *inputs))
         return _autodiff_gradients(self.fn, args, kwargs, positions, sources, upstream)
 
     def experimental_get_tracing_count(self):
         """Traces so far of the forward and backward programs, XLA and plain, all ranks."""
-        return self.xla.experimental_get_tracing_count() + self.plain.experimental_get_tracing_count()
+        return (
+            self.xla.experimental_get_tracing_count()
+            + self.plain.experimental_get_tracing_count()
+            + self.dispatch.experimental_get_tracing_count()
+        )
 
 
 def kernel(fn):

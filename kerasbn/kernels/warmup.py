@@ -20,6 +20,7 @@ compiled programs: XLA caches them by shape.
 """
 
 import contextlib
+import itertools
 import threading
 import warnings
 
@@ -33,8 +34,10 @@ _lock = threading.Lock()
 
 # A shape that reached the limit is stored with this count: it stays plain.
 _REFUSED = -1
-# Key under which each table counts the shapes it has promoted to XLA.
+# Keys under which each table counts the shapes it has promoted to XLA, and
+# keeps the id of its `ShapeUse` (which names the caller in the warning).
 _PROMOTED_KEY = -1
+_ID_KEY = -2
 
 
 def _check_count(value, name):
@@ -88,19 +91,40 @@ def _shape_key(shape):
     return tf.reduce_sum(shape * powers) + rank  # wraps around on overflow: still a hash
 
 
-class ShapeUse:
-    """Counts one caller's training calls per input shape (a layer keeps one).
+_descriptions = {}
+_ids = itertools.count(1)
+_warned = set()
 
-    `is_compiled(x)` returns a scalar bool tensor: whether this call should use
-    the XLA programs. The table is created at the first call (TensorFlow
-    resources are made outside any function being traced). Copies start
-    counting afresh.
+
+def _warn_once(caller_id):
+    caller = int(caller_id.numpy())
+    if caller not in _warned:
+        _warned.add(caller)
+        warnings.warn(
+            f"kerasbn: {_descriptions.get(caller, 'a kernel')} has been XLA-compiled for "
+            f"{_settings['max_shapes']} input shapes; new shapes run its plain TensorFlow "
+            "graph (correct, slower). Pad inputs to a few fixed shapes, or raise the limit "
+            "with kerasbn.kernels.set_xla_policy(max_shapes=...).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return tf.constant(0)
+
+
+class ShapeUse:
+    """One caller's count of training calls per input shape (a layer keeps one).
+
+    `handle()` is the count table's resource handle, which the kernel's
+    dispatch program reads and updates (`decide`). The table is created at the
+    first call (TensorFlow resources are made outside any function being
+    traced). Copies start counting afresh.
     """
 
     def __init__(self, description):
         self.description = description
+        self._id = next(_ids)
+        _descriptions[self._id] = description
         self._table = None
-        self._warned = False
 
     def __deepcopy__(self, memo):
         return ShapeUse(self.description)
@@ -111,52 +135,53 @@ class ShapeUse:
     def __setstate__(self, state):
         self.__init__(state["description"])
 
-    def _resource(self):
+    def handle(self):
+        """The count table's resource handle (the table is made on first use)."""
         with _lock:
             if self._table is None:
                 with tf.init_scope():
                     self._table = tf.lookup.experimental.MutableHashTable(
                         tf.int64, tf.int64, default_value=0, name="kerasbn_shape_use"
                     )
-            return self._table
+                    self._table.insert(tf.constant(_ID_KEY, tf.int64), tf.constant(self._id, tf.int64))
+            return self._table.resource_handle
 
-    def _warn_once(self):
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"kerasbn: {self.description} has been XLA-compiled for "
-                f"{_settings['max_shapes']} input shapes; new shapes run its plain TensorFlow "
-                "graph (correct, slower). Pad inputs to a few fixed shapes, or raise the limit "
-                "with kerasbn.kernels.set_xla_policy(max_shapes=...).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return tf.constant(0)
 
-    def is_compiled(self, x):
-        table = self._resource()
-        warmup = tf.constant(_settings["warmup_calls"], tf.int64)
-        limit = tf.constant(_settings["max_shapes"], tf.int64)
-        key = _shape_key(tf.shape(x))
-        previous = table.lookup(key)
-        promoted = table.lookup(tf.constant(_PROMOTED_KEY, tf.int64))
-        promoting = tf.equal(previous, warmup)
-        refused = tf.logical_and(promoting, promoted >= limit)
-        known_refused = tf.equal(previous, _REFUSED)
-        count = tf.where(tf.logical_or(refused, known_refused), tf.constant(_REFUSED, tf.int64), previous + 1)
-        updates = [table.insert(key, count)]
-        updates.append(
-            table.insert(
-                tf.constant(_PROMOTED_KEY, tf.int64),
-                promoted + tf.cast(tf.logical_and(promoting, tf.logical_not(refused)), tf.int64),
-            )
-        )
-        with tf.control_dependencies(updates):
-            compiled = tf.logical_and(previous >= warmup, tf.not_equal(count, _REFUSED))
-            warn = tf.cond(
-                refused,
-                lambda: tf.py_function(self._warn_once, [], tf.int32),
-                lambda: tf.constant(0),
-            )
-        with tf.control_dependencies([warn]):
-            return tf.identity(compiled)
+def _find(handle, key):
+    return tf.raw_ops.LookupTableFindV2(
+        table_handle=handle, keys=tf.constant(key, tf.int64) if isinstance(key, int) else key,
+        default_value=tf.constant(0, tf.int64),
+    )
+
+
+def _insert(handle, key, value):
+    key = tf.constant(key, tf.int64) if isinstance(key, int) else key
+    return tf.raw_ops.LookupTableInsertV2(table_handle=handle, keys=key, values=value)
+
+
+def decide(handle, x, warmup, limit):
+    """Counts this call and returns whether it runs the XLA programs (a bool tensor).
+
+    Runs inside a kernel's dispatch program, traced once for every caller:
+    the caller comes in as its table's `handle`, the policy (`warmup`,
+    `limit`: Python ints) as constants of the trace.
+    """
+    key = _shape_key(tf.shape(x))
+    previous = _find(handle, key)
+    promoted = _find(handle, _PROMOTED_KEY)
+    promoting = tf.equal(previous, warmup)
+    refused = tf.logical_and(promoting, promoted >= limit)
+    stays_plain = tf.logical_or(refused, tf.equal(previous, _REFUSED))
+    count = tf.where(stays_plain, tf.constant(_REFUSED, tf.int64), previous + 1)
+    promoted_now = tf.cast(tf.logical_and(promoting, tf.logical_not(refused)), tf.int64)
+    updates = [
+        _insert(handle, key, count),
+        _insert(handle, _PROMOTED_KEY, promoted + promoted_now),
+        tf.cond(
+            refused,
+            lambda: tf.py_function(_warn_once, [_find(handle, _ID_KEY)], tf.int32),
+            lambda: tf.constant(0),
+        ),
+    ]
+    with tf.control_dependencies(updates):
+        return tf.logical_and(previous >= warmup, tf.logical_not(stays_plain))
