@@ -159,10 +159,12 @@ def github_anchor(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def without_code(text):
+    return re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M)
+
+
 def links(page):
-    text = (ROOT / page).read_text()
-    without_code = re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M)
-    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code)
+    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code((ROOT / page).read_text()))
 
 
 def test_every_relative_link_points_to_an_existing_file_and_heading():
@@ -173,7 +175,7 @@ def test_every_relative_link_points_to_an_existing_file_and_heading():
             file = (ROOT / page).parent / path if path else ROOT / page
             assert file.exists(), f"{page} links to {target}: no such file"
             if anchor and file.suffix == ".md":
-                headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+                headings = re.findall(r"^#+ (.+)$", without_code(file.read_text()), flags=re.M)
                 assert anchor in map(github_anchor, headings), f"{page} links to {target}: no such heading"
 
 
