@@ -494,7 +494,7 @@ def producer_terms(model, inputs, absolute):
 def test_folding_under_mixed_precision_is_as_exact_as_the_model(tmp_path, policy, unit_roundoff):
     """Folded or not, the producer computes in the compute dtype: the export and
     `predict` are off the exact (float64) result by the same rounding, and
-    differ by at most 2u·S, S = |γ|/sqrt(σ² + ε)·(|x| ⊛ |K| + |c|) (the README's
+    differ by at most 2u·S, S = |γ|/sqrt(σ² + ε)·(|x| ⊛ |K| + |c|) (docs/serving.md's
     bound). The dense branch's inputs have a mean ten times their spread."""
     rng = np.random.default_rng(0)
     inputs = {

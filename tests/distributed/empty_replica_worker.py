@@ -62,7 +62,7 @@ def build_model(norm):
 def train(model, x, y):
     import keras
 
-    # fit(jit_compile=True) cannot run collectives on CPU (see the README).
+    # fit(jit_compile=True) cannot run collectives on CPU (see docs/synchronized.md).
     model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=False)
     model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     return model.get_weights()
