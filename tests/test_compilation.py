@@ -29,12 +29,15 @@ def counts(tmp_path_factory):
     return json.loads(output.read_text())
 
 
-@pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])
+KINDS = ["BatchNorm", "BatchRenorm", "GroupNorm", "GhostBatchNorm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_inference_at_new_batch_sizes_compiles_nothing(counts, kind):
     assert counts[f"{kind}: inference at 8 batch sizes"] == 0
 
 
-@pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_training_compiles_a_shape_once_it_recurs(counts, kind):
     assert counts[f"{kind}: 3 training steps at one shape"] == 0
     assert counts[f"{kind}: 2 more training steps at that shape"] >= 2  # forward and backward

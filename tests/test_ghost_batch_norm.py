@@ -24,7 +24,6 @@ from tensorflow.python.tools import saved_model_utils
 
 import kerasbn
 from kerasbn import kernels
-from kerasbn.kernels.ghost_batch_norm import ghost_normalization
 from references import central_differences, feature_axes_of
 
 EPSILON = 1e-3
@@ -470,17 +469,6 @@ def test_batch_smaller_than_v_equals_plain_batch_norm(rng):
     ghost, plain = kerasbn.BatchNorm(virtual_batch_size=16), kerasbn.BatchNorm()
     np.testing.assert_allclose(train_call(ghost, x), train_call(plain, x), atol=1e-6)
     np.testing.assert_allclose(ghost.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-6)
-
-
-def test_the_xla_programs_run(rng):
-    before = ghost_normalization.xla.experimental_get_tracing_count()
-    layer = kerasbn.BatchNorm(virtual_batch_size=4)
-    x = tf.constant(rng.normal(size=(12, 3, 2)).astype("float32"))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-    tape.gradient(y, x)
-    assert ghost_normalization.xla.experimental_get_tracing_count() > before
 
 
 # -- inference, serving, saving, configuration ----------------------------------------------

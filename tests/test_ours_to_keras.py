@@ -37,6 +37,9 @@ def data(rng, shape=(5, 5, 3)):
     return rng.normal(1.0, 2.0, size=(8,) + shape).astype("float32")
 
 
+NO_OP_OPTIONS = {"virtual_batch_size": None, "moving_statistics": "batch"}
+
+
 def test_our_layers_become_keras_layers_with_every_option(rng):
     bn = kerasbn.BatchNorm(
         momentum=0.8,
@@ -64,7 +67,9 @@ def test_our_layers_become_keras_layers_with_every_option(rng):
     for ours, theirs in ((bn, keras_bn), (gn, keras_gn)):
         config = theirs.get_config()
         for key, value in ours.get_config().items():
-            if key not in ("jit_compile", "activation"):
+            if key in NO_OP_OPTIONS:  # options Keras lacks, at their no-op value
+                assert value == NO_OP_OPTIONS[key] and key not in config, key
+            elif key not in ("jit_compile", "activation"):
                 assert config[key] == value, key
         for mine, keras_weight in zip(ours.weights, theirs.weights):
             assert mine.name == keras_weight.name
@@ -205,4 +210,20 @@ def test_subclassed_model_holding_our_layer_is_an_error_naming_it():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, inner(inputs))
     with pytest.raises(ValueError, match="'custom' .*subclassed.*'hidden'"):
+        kerasbn.to_keras(model)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"virtual_batch_size": 4}, r"'ghost' .*ghost batch normalization \(virtual_batch_size=4\)"),
+        (
+            {"virtual_batch_size": 4, "moving_statistics": "ghost_mean"},
+            r"'ghost' .*ghost batch normalization",
+        ),
+    ],
+)
+def test_ghost_batch_norm_has_no_keras_equivalent_and_is_an_error_naming_the_layer(options, message):
+    model = model_with(kerasbn.BatchNorm(name="ghost", jit_compile=False, **options))
+    with pytest.raises(ValueError, match=message):
         kerasbn.to_keras(model)

@@ -54,6 +54,7 @@ def main(dump, output):
         "BatchNorm": lambda: kerasbn.BatchNorm(),
         "BatchRenorm": lambda: kerasbn.BatchRenorm(),
         "GroupNorm": lambda: kerasbn.GroupNorm(groups=2),
+        "GhostBatchNorm": lambda: kerasbn.BatchNorm(virtual_batch_size=4),
     }
     kernels.set_xla_policy(warmup_calls=WARMUP, max_shapes=2)
     for kind, norm in norms.items():
