@@ -23,8 +23,8 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # (TF_ENABLE_ONEDNN_OPTS=1; on by default only on CPUs with AVX-512) replaces
 # TensorFlow's convolution, matmul and batch-norm kernels, lets Conv2D take
 # channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
-# numerics against Keras' layers, the exported and golden SavedModels (conv
-# graphs, TFLite), recalibration and channels-first models (conv models run
+# numerics against Keras' layers, the exported, folded and golden SavedModels
+# (conv graphs, TFLite), recalibration and channels-first models (conv models run
 # as plain ops or through XLA), the benchmark smoke run (peak memory per
 # allocator) and the demo (conv model, trained and served).
 # .ci/run runs the whole suite with oneDNN off and these again with it on.
@@ -34,6 +34,7 @@ PLATFORM_TESTS := \
 	tests/test_batch_renorm.py \
 	tests/test_group_norm.py \
 	tests/test_export.py \
+	tests/test_fusion.py \
 	tests/test_golden_savedmodels.py \
 	tests/test_recalibrate.py \
 	tests/test_channels_first.py \
@@ -53,11 +54,17 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt kerasbn/_versio
 
 install: $(STAMP)
 
+# Test modules run in parallel worker processes (pytest-xdist), one module per
+# worker at a time so module-scoped fixtures are built once: the suite is
+# dominated by single-threaded tracing, so 2 workers use a 2-core machine.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-platform: $(STAMP)
-	$(BIN)/python -m pytest $(PLATFORM_TESTS)
+	$(PYTEST) $(PLATFORM_TESTS)
 
 $(MIN_VENV)/bin/python:
 	@$(MIN_PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null || \
@@ -70,7 +77,7 @@ $(MIN_STAMP): $(MIN_VENV)/bin/python setup.cfg pyproject.toml constraints-min.tx
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
-	$(MIN_VENV)/bin/python -m pytest
+	$(MIN_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo

@@ -252,6 +252,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one small model, plain step, 1 round")
     parser.add_argument("--models", default=None, help="comma-separated names, e.g. MobileNetV2")
     parser.add_argument("--steps", default=None, help="comma-separated: plain, jit")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results_models.md)")
     args = parser.parse_args(argv)
@@ -269,11 +270,18 @@ def main(argv=None):
         step_kinds = tuple(args.steps.split(","))
         if set(step_kinds) - set(STEP_KINDS):
             parser.error(f"--steps: choose from {STEP_KINDS}")
+    variants = VARIANTS
+    if args.variants:
+        variants = tuple(args.variants.split(","))
+        if "keras" not in variants or set(variants) - set(VARIANTS):
+            parser.error(f"--variants: choose from {VARIANTS}, keras included (the anchor)")
     kerasbn.kernels.set_xla_policy(warmup_calls=WARMUP_CALLS)
     results = {}
     for case in models:
         print(f"timing {case.label} ...", flush=True)
-        results[case] = time_model(case, step_kinds=step_kinds, rounds=rounds, warmup=warmup)
+        results[case] = time_model(
+            case, step_kinds=step_kinds, rounds=rounds, warmup=warmup, variants=variants
+        )
     settings = dict(rounds=rounds, warmup=warmup, argv=" ".join(argv if argv is not None else sys.argv[1:]))
     text = render(results, step_kinds, settings)
     output = args.output or DEFAULT_OUTPUT

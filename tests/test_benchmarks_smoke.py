@@ -93,9 +93,11 @@ def test_platform_flags_name_the_vector_extensions_tensorflow_uses():
 
 
 def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
+    """Two of the four variants (each whole model costs its tracing): the
+    others show as n/a; building every variant is tested below."""
     models = pytest.importorskip("benchmarks.models")
     output = tmp_path / "models.md"
-    assert models.main(["--quick", "--output", str(output)]) == 0
+    assert models.main(["--quick", "--variants", "keras,kerasbn_fused", "--output", str(output)]) == 0
     text = output.read_text()
     header, body = _table(text, "model, batch, input")
     assert header[2:6] == [models.TITLES[v] for v in models.VARIANTS]
@@ -103,22 +105,33 @@ def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
     assert kinds == ["plain", "predict"]
     for row in body:
         assert len(row) == len(header)
-        assert all(re.fullmatch(r"\d+ ms", cell) for cell in row[2:6]), row
-        assert all(re.fullmatch(r"[\d.]+×", cell) for cell in row[6:]), row
+        keras_ms, kerasbn_ms, fused_ms, floor_ms = row[2:6]
+        assert re.fullmatch(r"\d+ ms", keras_ms) and re.fullmatch(r"\d+ ms", fused_ms), row
+        assert kerasbn_ms == floor_ms == "n/a", row
+        assert re.fullmatch(r"[\d.]+×", row[7]) and row[6] == row[8] == "n/a", row
     assert "Machine: " in text and "oneDNN" in text
     assert "MobileNetV2 plain step, Keras ÷ kerasbn + act." in text
 
 
-def test_end_to_end_floor_model_has_no_normalization_and_the_same_weights():
+def test_end_to_end_variants_are_the_same_network_with_other_normalizations():
     models = pytest.importorskip("benchmarks.models")
     import keras
 
+    import kerasbn
+
     case = models.QUICK_MODELS[0]
-    keras_model, floor = models.build(case, "keras"), models.build(case, "floor")
-    normalizations = (keras.layers.BatchNormalization, keras.layers.GroupNormalization)
-    assert any(isinstance(layer, normalizations) for layer in keras_model.layers)
-    assert not any(isinstance(layer, normalizations) for layer in floor.layers)
-    assert len(floor.layers) == len(keras_model.layers)
+    built = {variant: models.build(case, variant) for variant in models.VARIANTS}
+    keras_norms = (keras.layers.BatchNormalization, keras.layers.GroupNormalization)
+    ours = (kerasbn.BatchNorm, kerasbn.BatchRenorm, kerasbn.GroupNorm)
+    count = sum(isinstance(layer, keras_norms) for layer in built["keras"].layers)
+    assert count > 0
+    assert sum(isinstance(layer, ours) for layer in built["kerasbn"].layers) == count
+    assert sum(isinstance(layer, ours) for layer in built["kerasbn_fused"].layers) == count
+    assert sum(isinstance(layer, models.NoNormalization) for layer in built["floor"].layers) == count
+    for variant in ("kerasbn", "floor"):
+        assert not any(isinstance(layer, keras_norms) for layer in built[variant].layers)
+        assert len(built[variant].layers) == len(built["keras"].layers)
+    assert len(built["kerasbn_fused"].layers) < len(built["keras"].layers)  # activations fused
 
 
 def test_first_calls_tables_report_medians_ratios_and_verdicts():
