@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn.kernels.activations import ACTIVATIONS, activate, activation_gradient
+from platform_support import KERAS_HAS_RENORM, RENORM_SKIP_REASON
 
 def exact_gelu(z):
     """z Φ(z) in float64. TensorFlow's float64 `gelu` (Keras' on this backend)
@@ -86,6 +87,8 @@ def pair(kind, activation, jit, axis=-1):
         ours = kerasbn.BatchNorm(axis=axis, activation=activation, dtype="float64", jit_compile=jit)
         theirs = keras.layers.BatchNormalization(axis=axis, dtype="float64")
     elif kind == "BatchRenorm":
+        if not KERAS_HAS_RENORM:
+            pytest.skip(RENORM_SKIP_REASON)
         ours = kerasbn.BatchRenorm(
             axis=axis, r_max=1.5, d_max=0.5, activation=activation, dtype="float64", jit_compile=jit
         )

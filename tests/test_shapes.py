@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 
 import kerasbn
 from kerasbn.kernels.moments import BLOCK, TWO_INPUT_BLOCK, sum_over, sum_pair
+from platform_support import KERAS_HAS_RENORM, RENORM_SKIP_REASON
 from references import (
     batch_norm_formula,
     group_norm_formula,
@@ -107,6 +108,8 @@ def keras_layer(name, axis):
     if name == "BatchNorm":
         return keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, dtype="float64")
     if name == "BatchRenorm":
+        if not KERAS_HAS_RENORM:
+            pytest.skip(RENORM_SKIP_REASON)
         return keras.layers.BatchNormalization(
             axis=axis,
             momentum=MOMENTUM,

@@ -147,6 +147,18 @@ def _signature_key(args, kwargs):
     return repr(structure), leaves
 
 
+def _with_static_shape(outputs, x):
+    """`outputs` with the first (the normalized tensor) given `x`'s static shape.
+
+    A program traced with every dimension unknown returns it without; callers
+    that read static shapes (Keras 3.10's `Flatten`, say) need it.
+    """
+    first = tf.nest.flatten(outputs)[0]
+    if tf.is_tensor(x) and first.shape.rank == x.shape.rank:
+        first.set_shape(x.shape)
+    return outputs
+
+
 class _Program:
     """A `tf.function` traced once per signature, with every dimension unknown.
 
@@ -408,7 +420,7 @@ class Kernel:
                     max_shapes=policy["max_shapes"],
                     **stopped_kwargs,
                 )
-            flat_outputs = tf.nest.flatten(outputs)
+            outputs = _with_static_shape(outputs, args[0])
 
             def grad(*upstream, variables=None):
                 grads = self._gradients(
@@ -420,7 +432,7 @@ class Kernel:
 
             return outputs, grad
 
-        return run(*sources)
+        return _with_static_shape(run(*sources), args[0])
 
     def _gradients(self, args, kwargs, positions, sources, residuals, upstream, compiled):
         """The backward program's gradients; exactly differentiable when recorded.
