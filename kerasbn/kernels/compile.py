@@ -432,7 +432,7 @@ class Kernel:
 
             return outputs, grad
 
-        return _with_static_shape(run(*sources), args[0])
+        return run(*sources)
 
     def _gradients(self, args, kwargs, positions, sources, residuals, upstream, compiled):
         """The backward program's gradients; exactly differentiable when recorded.
