@@ -2,7 +2,8 @@
 
 Inference never compiles a kernel of ours; a training kernel compiles for an
 input shape only after `warmup_calls` training calls at that shape, and for at
-most `max_shapes` shapes (then a one-time warning). Counted by XLA itself: the
+most `max_shapes` shapes (then a one-time warning), and never for an input
+under `min_elements` elements. Counted by XLA itself: the
 worker runs with `--xla_dump_to`, where XLA writes one file per compiled program
 (see tests/compilation/count_worker.py).
 """
@@ -54,3 +55,11 @@ def test_at_most_max_shapes_are_compiled_with_one_warning(counts):
 def test_a_short_fit_with_a_partial_last_batch_compiles_nothing(counts):
     assert warmup.DEFAULT_WARMUP_CALLS > 10
     assert counts["fit: 2 epochs of 5 steps, partial last batch"] == 0
+
+
+def test_small_inputs_never_compile_and_large_ones_do_without_warm_up(counts):
+    assert warmup.DEFAULT_MIN_ELEMENTS > 16 * 6 * 6 * 4
+    assert warmup.DEFAULT_MIN_ELEMENTS <= 16 * 6 * 6 * 256
+    assert counts["threshold: 3 training steps, small input, shape known while tracing"] == 0
+    assert counts["threshold: 3 training steps, large input, shape known while tracing"] >= 2
+    assert counts["threshold: 5 training steps, small input, shape seen at run time"] == 0

@@ -18,7 +18,8 @@ seconds per layer, and XLA compiles per layer shape: minutes for all four
 models on 2 cores. So MobileNetV2's float32 conversions use the default
 `jit_compile=True` (inference, `.keras` file, `to_keras`), and its converted
 model is trained once in a compiled `train_on_batch` step, as `fit` runs it,
-with the XLA programs from the first call (`xla_policy(warmup_calls=0)`; by
+with the XLA programs from the first call (`xla_policy(warmup_calls=0,
+min_elements=0)`; by
 default a shape is compiled after 50 training calls). Everything else uses
 `jit_compile=False` (the same math in plain TensorFlow graphs), inference calls
 the model eagerly, and the other training runs use `train_on_batch` with
@@ -209,7 +210,7 @@ def test_converted_model_trains_as_keras(app):
 @pytest.mark.parametrize("app", [DEFAULT_PATH], indirect=True)  # one suffices: compile time
 def test_converted_model_trains_as_keras_in_a_compiled_step_with_xla_layers(app):
     converted = kerasbn.convert(app.float64)
-    with kerasbn.kernels.xla_policy(warmup_calls=0):
+    with kerasbn.kernels.xla_policy(warmup_calls=0, min_elements=0):
         assert_trained_like_keras(converted, app, run_eagerly=False)
 
 

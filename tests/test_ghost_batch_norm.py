@@ -7,7 +7,8 @@ semantics agree with ours (a batch divisible by v, its moving-statistics rule),
 its strided ghost batches reproduced by a permutation of the examples;
 TensorFlow's autodiff of a float64 formula and central differences for the
 gradients, to second order. The XLA programs run from the first call
-(`xla_policy(warmup_calls=0)`); the plain path is `jit_compile=False`.
+(`xla_policy(warmup_calls=0, min_elements=0)`, small as the inputs are); the
+plain path is `jit_compile=False`.
 """
 
 import os
@@ -32,7 +33,7 @@ MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "plain
 
 @pytest.fixture(autouse=True)
 def _xla_from_the_first_call():
-    with kernels.xla_policy(warmup_calls=0):
+    with kernels.xla_policy(warmup_calls=0, min_elements=0):
         yield
 
 

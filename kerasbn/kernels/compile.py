@@ -1,15 +1,19 @@
 """Compiling kernels with or without XLA, and choosing between them per call.
 
-Every kernel exists twice: XLA-compiled `tf.function`s and plain graph
+Every kernel exists as XLA-compiled `tf.function`s and as plain graph
 `tf.function`s. XLA compiles once per concrete input shape, so the XLA
 programs run only where that pays (see `Kernel`): training calls at input
-shapes that recur (`warmup.py`). Calls without a gradient (inference) add
-the kernel's ops inline to the caller's graph, where TensorFlow's graph
-optimizer treats them as Keras' layers' ops. The plain programs run for
-training calls at shapes not (yet) worth a compilation, layers built with `jit_compile=False`, inside `jit_disabled()`
-(which the serving exporter enters: stock TF Serving runs without XLA JIT and
-refuses functions marked `_XlaMustCompile`), and inside an XLA-compiled
-caller, whose compiler compiles the kernel together with the rest of the step.
+shapes that recur and are not small (`warmup.py`). Calls without a gradient
+(inference), and training calls on inputs known to be small, add the
+kernel's ops inline to the caller's graph, where TensorFlow's graph optimizer
+treats them as Keras' layers' ops; run eagerly, they call one plain program
+instead. The plain programs run for other training calls at shapes not (yet)
+worth a compilation, layers built with `jit_compile=False`, inside
+`jit_disabled()` (which the serving exporter enters: stock TF Serving runs
+without XLA JIT and refuses functions marked `_XlaMustCompile`), and inside an
+XLA-compiled caller, whose compiler compiles the kernel together with the rest
+of the step. What is built for XLA and what for TensorFlow's executor differs
+in how it sums (`built_for_xla`, `moments.sum_over`).
 
 Forward and backward are compiled as two programs. Differentiating a call of a
 `tf.function` the usual way makes TensorFlow add every tensor the backward needs
@@ -80,6 +84,40 @@ def differentiable_statistics():
 def statistics_are_differentiable():
     """Whether kernels are being built in `differentiable_statistics()` mode."""
     return getattr(_state, "differentiable_statistics", False)
+
+
+def built_for_xla():
+    """Whether the kernel being built now will be compiled by XLA.
+
+    `moments.sum_over` arranges its sums for XLA's CPU backend (blocked sums
+    and matrix products); in a graph that TensorFlow runs op by op, one
+    `tf.reduce_sum` is fewer and faster ops. True unless a caller here says
+    otherwise (`_building`), so a kernel function called directly gets the
+    form that is right in both.
+    """
+    return not getattr(_state, "plain_graph", False)
+
+
+@contextlib.contextmanager
+def _building(for_xla):
+    """Within this context kernels are built for XLA (`for_xla`) or not."""
+    previous = getattr(_state, "plain_graph", False)
+    _state.plain_graph = not for_xla
+    try:
+        yield
+    finally:
+        _state.plain_graph = previous
+
+
+def _built(fn, for_xla):
+    """`fn`, building its ops for XLA or not (see `built_for_xla`)."""
+
+    def build(*args, **kwargs):
+        with _building(for_xla):
+            return fn(*args, **kwargs)
+
+    build.__name__ = fn.__name__
+    return build
 
 
 # -- residuals ------------------------------------------------------------------
@@ -172,9 +210,11 @@ class _Program:
     tracing, so AutoGraph's source conversion has nothing to do.
     """
 
-    def __init__(self, fn, jit_compile):
+    def __init__(self, fn, jit_compile, for_xla=None):
+        """`for_xla`: whether XLA compiles the trace (default: `jit_compile`);
+        True also for a plain program called inside an XLA-compiled caller."""
         self._function = tf.function(
-            fn,
+            _built(fn, jit_compile if for_xla is None else for_xla),
             jit_compile=jit_compile,
             autograph=False,
             experimental_attributes={"_noinline": True},
@@ -273,9 +313,9 @@ GRADIENT_OUTPUTS = (0,)
 class _Programs:
     """A kernel's forward and backward programs, compiled one way (XLA or plain)."""
 
-    def __init__(self, fn, jit_compile):
-        self.forward = _Program(_forward_program(fn), jit_compile)
-        self.backward = _Program(_backward_program(fn), jit_compile)
+    def __init__(self, fn, jit_compile, for_xla=None):
+        self.forward = _Program(_forward_program(fn), jit_compile, for_xla)
+        self.backward = _Program(_backward_program(fn), jit_compile, for_xla)
 
     def experimental_get_tracing_count(self):
         return (
@@ -295,10 +335,12 @@ class _Dispatch:
     """
 
     def __init__(self, fn, xla):
+        # The dispatch programs and their plain branches are built for
+        # TensorFlow's executor; the XLA programs trace themselves for XLA.
         plain_forward, plain_backward = _forward_program(fn), _backward_program(fn)
 
-        def forward(handle, *args, warmup_calls, max_shapes, **kwargs):
-            compiled = warmup.decide(handle, args[0], warmup_calls, max_shapes)
+        def forward(handle, *args, warmup_calls, max_shapes, min_elements, **kwargs):
+            compiled = warmup.decide(handle, args[0], warmup_calls, max_shapes, min_elements)
             outputs, residuals = tf.cond(
                 compiled,
                 lambda: xla.forward(*args, **kwargs),
@@ -321,6 +363,12 @@ class _Dispatch:
         )
 
 
+# How a training call runs, when not decided per call by the dispatch programs.
+_INLINE = "inline"  # plain ops in the caller's graph (small inputs)
+_PLAIN = "plain"  # the plain programs
+_NESTED = "nested"  # plain programs built for the enclosing XLA-compiled caller
+
+
 class Kernel:
     """A pure function compiled twice, with XLA and without, called where each pays.
 
@@ -332,16 +380,21 @@ class Kernel:
       with the rest of the step: no program of its own);
     - the plain graph when no gradient is recorded (inference, a forward-only
       pass): nothing is compiled for the shapes inference sees;
-    - for a training call (a gradient tape records it), the XLA programs for
-      input shapes that recur and the plain graph for the others, decided at
-      run time per call (`warmup.ShapeUse`).
+    - for a training call on an input known while tracing to be smaller than
+      the policy's `min_elements`, plain ops inline in the caller's graph (no
+      program call: its fixed cost is most of the time at that size);
+    - for other training calls (a gradient tape records them), the XLA
+      programs for input shapes that recur and the plain graph for the
+      others, decided at run time per call (`warmup.ShapeUse`).
     """
 
     def __init__(self, fn):
         self.fn = fn
         self.xla = _Programs(fn, jit_compile=True)
         self.plain = _Programs(fn, jit_compile=False)
+        self.nested = _Programs(fn, jit_compile=False, for_xla=True)
         self.dispatch = _Dispatch(fn, self.xla)
+        self.eager = _Program(fn, jit_compile=False)
         self._shape_use = {}
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
@@ -384,16 +437,32 @@ class Kernel:
             # optimizer fuses them with their neighbours as it does Keras'
             # layers' ops; a function call of its own would cost its call
             # and block those fusions (measured: predict of a converted
-            # MobileNetV2 126 ms against Keras' 100 ms that way).
-            return self.fn(*args, **kwargs)
+            # MobileNetV2 126 ms against Keras' 100 ms that way). Eagerly
+            # there is no caller's graph: one plain program call instead of
+            # a hundred small eager ops (measured: a training-mode call of
+            # BatchNorm on (32, 1) without a tape took 21 ms op by op).
+            if tf.executing_eagerly():
+                return self.eager(*args, **kwargs)
+            with _building(tf_internals.in_xla_context()):
+                return self.fn(*args, **kwargs)
         sources = [flat[i] for i in positions]
         gate = self._gate(args, kwargs, jit_compile, shape_use)
         return self._call_recorded(args, kwargs, positions, sources, gate)
 
     def _gate(self, args, kwargs, jit_compile, shape_use):
-        """None for the plain programs, else the `ShapeUse` whose counts decide per call."""
-        if not jit_compile or not xla_allowed() or tf_internals.in_xla_context():
-            return None
+        """How a training call runs: `_NESTED`, `_INLINE` or `_PLAIN` (see
+        `Kernel`), or the `ShapeUse` whose counts decide per call."""
+        if tf_internals.in_xla_context():
+            return _NESTED
+        x = args[0]
+        small = (
+            x.shape.is_fully_defined()
+            and x.shape.num_elements() < warmup.get_xla_policy()["min_elements"]
+        )
+        if small and not tf.executing_eagerly():
+            return _INLINE
+        if small or not jit_compile or not xla_allowed():
+            return _PLAIN
         if shape_use is None:
             key = _signature_key(args, kwargs)
             if key not in self._shape_use:
@@ -408,9 +477,14 @@ class Kernel:
             stopped_args, stopped_kwargs = _with_sources(
                 args, kwargs, positions, [tf.stop_gradient(source) for source in sources]
             )
-            if gate is None:
-                outputs, residuals = self.plain.forward(*stopped_args, **stopped_kwargs)
-                compiled = None
+            if gate is _INLINE:
+                with _building(False):
+                    outputs, residuals = _forward_program(self.fn)(*stopped_args, **stopped_kwargs)
+                compiled = gate
+            elif gate in (_PLAIN, _NESTED):
+                programs = self.plain if gate is _PLAIN else self.nested
+                outputs, residuals = programs.forward(*stopped_args, **stopped_kwargs)
+                compiled = gate
             else:
                 policy = warmup.get_xla_policy()
                 outputs, residuals, compiled = self.dispatch.forward(
@@ -418,6 +492,7 @@ class Kernel:
                     *stopped_args,
                     warmup_calls=policy["warmup_calls"],
                     max_shapes=policy["max_shapes"],
+                    min_elements=policy["min_elements"],
                     **stopped_kwargs,
                 )
             outputs = _with_static_shape(outputs, args[0])
@@ -450,8 +525,13 @@ class Kernel:
             return [tf.zeros_like(source) for source in sources]
         if not tf_internals.gradient_possibly_watched(list(sources) + given):
             inputs = (args, kwargs, residuals, given, positions, present)
-            if compiled is None:
+            if compiled is _INLINE:
+                with _building(False):
+                    return list(_backward_program(self.fn)(*inputs))
+            if compiled is _PLAIN:
                 return list(self.plain.backward(*inputs))
+            if compiled is _NESTED:
+                return list(self.nested.backward(*inputs))
             return list(self.dispatch.backward(compiled, *inputs))
         return _autodiff_gradients(self.fn, args, kwargs, positions, sources, upstream)
 
@@ -460,7 +540,9 @@ class Kernel:
         return (
             self.xla.experimental_get_tracing_count()
             + self.plain.experimental_get_tracing_count()
+            + self.nested.experimental_get_tracing_count()
             + self.dispatch.experimental_get_tracing_count()
+            + self.eager.experimental_get_tracing_count()
         )
 
 

@@ -16,12 +16,15 @@ reduction over a short axis (16 elements) is left alone, so the elementwise
 producer fuses into it and `x` is read once; the 16 times smaller partial sums
 are then added by a matrix product with a vector of ones, which XLA hands to
 its matmul library. The result is the same sum, added in a different order.
+In a graph that TensorFlow runs without XLA (`compile.built_for_xla()` False)
+these arrangements are only more ops, each with its own launch cost: there a
+sum is one `tf.reduce_sum` (Eigen's, which adds in blocks too).
 """
 
 import numpy as np
 import tensorflow as tf
 
-from kerasbn.kernels.compile import residual, statistics_are_differentiable
+from kerasbn.kernels.compile import built_for_xla, residual, statistics_are_differentiable
 
 # Elements summed by the fused first stage. 16 measured fastest for a sum
 # reading one tensor; 32 and more are rewritten into the slow reduce-window form
@@ -180,10 +183,12 @@ def sum_over(values, axes, block=BLOCK):
                       `GROUP_MATMUL_LIMIT` samples a block-diagonal product
                       avoids that (`_group_totals`).
 
-    Other layouts fall back to `tf.reduce_sum`.
+    Other layouts, and graphs not built for XLA, use `tf.reduce_sum`.
     """
     rank = values.shape.rank
     axes = tuple(sorted(a % rank for a in axes))
+    if not built_for_xla():
+        return tf.reduce_sum(values, axis=axes, keepdims=True)
     kept = [axis for axis in range(rank) if axis not in axes]
     kept_runs = _runs(kept)
     if not kept or not axes or len(kept_runs) > 2 or (len(kept_runs) == 2 and kept[0] != 0):
@@ -226,7 +231,7 @@ def sum_pair(first, second, axes):
     sums). Real and imaginary parts are added separately, exactly as the two
     float sums would be.
     """
-    if first.dtype not in (tf.float32, tf.float64):
+    if first.dtype not in (tf.float32, tf.float64) or not built_for_xla():
         return sum_over(first, axes), sum_over(second, axes)
     total = sum_over(tf.complex(first, second), axes, TWO_INPUT_BLOCK)
     return tf.math.real(total), tf.math.imag(total)

@@ -28,8 +28,21 @@ import tensorflow as tf
 
 DEFAULT_WARMUP_CALLS = 50
 DEFAULT_MAX_SHAPES = 16
+# Below this many input elements a training call is never compiled: running an
+# XLA program has a fixed cost (about 0.3 ms for a normalization's forward and
+# backward on a 2-core AVX2 CPU) that a small input does not win back. Measured
+# there (oneDNN off), one training step of a layer, XLA programs against plain
+# ops inline in the caller's graph, in ms: BatchNorm (64, 64) 0.99 / 0.58,
+# (32, 4, 4, 64) 1.18 / 0.77, (32, 8, 8, 32) 1.40 / 1.25, (32, 8, 8, 64)
+# 1.60 / 2.26; GroupNorm(8) (32, 4, 4, 64) 1.20 / 0.98, (32, 8, 8, 32)
+# 1.27 / 2.19. A 12-layer MLP of width 64 at batch 64 trained 2.5x faster.
+DEFAULT_MIN_ELEMENTS = 1 << 16
 
-_settings = {"warmup_calls": DEFAULT_WARMUP_CALLS, "max_shapes": DEFAULT_MAX_SHAPES}
+_settings = {
+    "warmup_calls": DEFAULT_WARMUP_CALLS,
+    "max_shapes": DEFAULT_MAX_SHAPES,
+    "min_elements": DEFAULT_MIN_ELEMENTS,
+}
 _lock = threading.Lock()
 
 # A shape that reached the limit is stored with this count: it stays plain.
@@ -47,11 +60,11 @@ def _check_count(value, name):
 
 
 def get_xla_policy():
-    """The current `{"warmup_calls": int, "max_shapes": int}`."""
+    """The current `{"warmup_calls": int, "max_shapes": int, "min_elements": int}`."""
     return dict(_settings)
 
 
-def set_xla_policy(warmup_calls=None, max_shapes=None):
+def set_xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
     """Sets when training kernels are XLA-compiled (for kernels traced from now on).
 
     Args:
@@ -61,6 +74,10 @@ def set_xla_policy(warmup_calls=None, max_shapes=None):
       max_shapes: int >= 0, default 16. Shapes compiled per kernel and
         configuration; further shapes stay plain (a warning says so once). 0
         never compiles. `ValueError` if negative or not an int.
+      min_elements: int >= 0, default 65536. Inputs with fewer elements are
+        never compiled: their training calls run plain ops, inline in the
+        caller's graph when the shape is known while tracing. 0 lets every
+        size compile. `ValueError` if negative or not an int.
 
     Graphs already traced keep the policy they were traced with.
     """
@@ -69,14 +86,16 @@ def set_xla_policy(warmup_calls=None, max_shapes=None):
         updates["warmup_calls"] = _check_count(warmup_calls, "warmup_calls")
     if max_shapes is not None:
         updates["max_shapes"] = _check_count(max_shapes, "max_shapes")
+    if min_elements is not None:
+        updates["min_elements"] = _check_count(min_elements, "min_elements")
     _settings.update(updates)
 
 
 @contextlib.contextmanager
-def xla_policy(warmup_calls=None, max_shapes=None):
+def xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
     """`set_xla_policy` for the duration of a `with` block (tests, benchmarks)."""
     previous = get_xla_policy()
-    set_xla_policy(warmup_calls, max_shapes)
+    set_xla_policy(warmup_calls, max_shapes, min_elements)
     try:
         yield
     finally:
@@ -159,17 +178,19 @@ def _insert(handle, key, value):
     return tf.raw_ops.LookupTableInsertV2(table_handle=handle, keys=key, values=value)
 
 
-def decide(handle, x, warmup, limit):
+def decide(handle, x, warmup, limit, min_elements=0):
     """Counts this call and returns whether it runs the XLA programs (a bool tensor).
 
     Runs inside a kernel's dispatch program, traced once for every caller:
     the caller comes in as its table's `handle`, the policy (`warmup`,
-    `limit`: Python ints) as constants of the trace.
+    `limit`, `min_elements`: Python ints) as constants of the trace. An input
+    under `min_elements` elements stays plain and takes no compile slot.
     """
     key = _shape_key(tf.shape(x))
+    large = tf.size(x, out_type=tf.int64) >= min_elements
     previous = _find(handle, key)
     promoted = _find(handle, _PROMOTED_KEY)
-    promoting = tf.equal(previous, warmup)
+    promoting = tf.logical_and(tf.equal(previous, warmup), large)
     refused = tf.logical_and(promoting, promoted >= limit)
     stays_plain = tf.logical_or(refused, tf.equal(previous, _REFUSED))
     count = tf.where(stays_plain, tf.constant(_REFUSED, tf.int64), previous + 1)
@@ -184,4 +205,6 @@ def decide(handle, x, warmup, limit):
         ),
     ]
     with tf.control_dependencies(updates):
-        return tf.logical_and(previous >= warmup, tf.logical_not(stays_plain))
+        return tf.logical_and(
+            tf.logical_and(previous >= warmup, tf.logical_not(stays_plain)), large
+        )

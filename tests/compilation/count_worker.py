@@ -5,7 +5,9 @@ Usage: python count_worker.py DUMP_DIR OUTPUT.json
 Run with `XLA_FLAGS=--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_text`: XLA then
 writes one `*.before_optimizations.txt` file per program it compiles, which is
 what is counted (compilations, not traces). Each phase's count is the number of
-new files since the previous phase. Phases use the warm-up policy set below.
+new files since the previous phase. Phases use the warm-up policy set below;
+the first ones let every size compile (`min_elements=0`: their inputs are
+small), the last ones check the size threshold.
 """
 
 import json
@@ -56,7 +58,7 @@ def main(dump, output):
         "GroupNorm": lambda: kerasbn.GroupNorm(groups=2),
         "GhostBatchNorm": lambda: kerasbn.BatchNorm(virtual_batch_size=4),
     }
-    kernels.set_xla_policy(warmup_calls=WARMUP, max_shapes=2)
+    kernels.set_xla_policy(warmup_calls=WARMUP, max_shapes=2, min_elements=0)
     for kind, norm in norms.items():
         model = model_with(norm)
         model.compile(optimizer="sgd", loss="mse")
@@ -98,7 +100,35 @@ def main(dump, output):
     y = rng.normal(size=(70, 2)).astype("float32")
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     phase("fit: 2 epochs of 5 steps, partial last batch")
+    size_threshold_phases(rng, phase)
     Path(output).write_text(json.dumps(counts))
+
+
+def size_threshold_phases(rng, phase):
+    """Default `min_elements`, no warm-up: small inputs never compile, large ones do."""
+    kernels.set_xla_policy(warmup_calls=0, min_elements=kernels.warmup.DEFAULT_MIN_ELEMENTS)
+    for channels, name in ((4, "small"), (256, "large")):  # 16x6x6x4 and 16x6x6x256 elements
+        model = model_with(lambda: kerasbn.BatchNorm(), channels=channels)
+        model.compile(optimizer="sgd", loss="mse")
+        x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+        y = rng.normal(size=(16, 2)).astype("float32")
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        phase(f"threshold: 3 training steps, {name} input, shape known while tracing")
+    # A step traced for any batch size: the shape is seen only at run time.
+    layer = kerasbn.BatchNorm()
+    layer.build((None, 6, 6, 4))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 6, 6, 4), tf.float32)])
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(tf.reduce_sum(y * y), x)
+
+    for batch in (16, 16, 16, 5, 5):
+        step(rng.normal(size=(batch, 6, 6, 4)).astype("float32"))
+    phase("threshold: 5 training steps, small input, shape seen at run time")
 
 
 if __name__ == "__main__":

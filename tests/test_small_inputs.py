@@ -1,0 +1,155 @@
+"""Training calls on small inputs run plain ops inline; plain graphs sum plainly.
+
+Below the XLA policy's `min_elements` a training call whose input shape is
+known while tracing adds the kernel's plain ops to the caller's graph (no
+program of its own); graphs not built for XLA sum with one `tf.reduce_sum`
+instead of the blocked sums and matrix products laid out for XLA's CPU backend.
+Checked against Keras' own layers and float64 NumPy, against the same call
+through the XLA programs (`min_elements=0`), and on the graph's ops.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from kerasbn import kernels
+from references import batch_norm_reference
+
+OURS = {
+    "BatchNorm": (lambda: kerasbn.BatchNorm(momentum=0.9), "batch_norm_train"),
+    "BatchRenorm": (lambda: kerasbn.BatchRenorm(momentum=0.9), "batch_renorm_train"),
+    "GroupNorm": (lambda: kerasbn.GroupNorm(groups=2), "group_norm"),
+    "GhostBatchNorm": (lambda: kerasbn.BatchNorm(momentum=0.9, virtual_batch_size=4), None),
+}
+KERAS = {
+    "BatchNorm": lambda: keras.layers.BatchNormalization(momentum=0.9),
+    "GroupNorm": lambda: keras.layers.GroupNormalization(groups=2),
+}
+SHAPES = [(8, 6), (8, 5, 4), (8, 3, 3, 4)]
+
+
+def training_step(layer):
+    """A traced training step: the output, and the gradients of sum(y * w)."""
+
+    @tf.function
+    def step(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * w)
+        return y, tape.gradient(loss, [x] + list(layer.trainable_weights))
+
+    return step
+
+
+def run_step(make, x, w, **policy):
+    layer = make()
+    layer.build(x.shape)
+    with kernels.xla_policy(warmup_calls=0, **policy):
+        y, grads = training_step(layer)(x, w)
+    return layer, y.numpy(), [g.numpy() for g in grads]
+
+
+def program_traces(name):
+    kernel_name = OURS[name][1]
+    return None if kernel_name is None else getattr(kernels, kernel_name).experimental_get_tracing_count()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_small_training_call_is_inline_and_equals_the_xla_programs(rng, name, shape):
+    x = tf.constant(rng.normal(3.0, 2.0, shape).astype("float32"))
+    w = tf.constant(rng.normal(size=shape).astype("float32"))
+    make = OURS[name][0]
+    before = program_traces(name)
+    inline_layer, y, grads = run_step(make, x, w)
+    if before is not None:
+        assert program_traces(name) == before  # no program traced: the ops went inline
+    xla_layer, y_xla, grads_xla = run_step(make, x, w, min_elements=0)
+    np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5)
+    for mine, want in zip(grads, grads_xla):
+        np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-5)
+    for mine, want in zip(inline_layer.non_trainable_weights, xla_layer.non_trainable_weights):
+        np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", sorted(KERAS))
+def test_small_training_call_equals_keras(rng, name, shape):
+    x = tf.constant(rng.normal(-1.0, 3.0, shape).astype("float32"))
+    w = tf.constant(rng.normal(size=shape).astype("float32"))
+    ours, y, grads = run_step(OURS[name][0], x, w)
+    theirs, y_keras, grads_keras = run_step(KERAS[name], x, w)
+    np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
+    for mine, want in zip(grads, grads_keras):
+        np.testing.assert_allclose(mine, want, rtol=1e-3, atol=1e-4)
+    for mine, want in zip(ours.non_trainable_weights, theirs.non_trainable_weights):
+        np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_plain_sums_stay_exact_at_a_large_mean(rng):
+    # Two passes (mean, then squared deviations) in the plain graph too: data
+    # at mean 1e4 with unit spread keeps its variance in float32.
+    x = rng.normal(1e4, 1.0, (64, 32)).astype("float32")
+    layer = kerasbn.BatchNorm(momentum=0.0)
+    layer.build(x.shape)
+    y, _ = training_step(layer)(tf.constant(x), tf.ones_like(x))
+    expected, mean, variance = batch_norm_reference(x, None, None, 1e-3, -1)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-3)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-6)
+
+
+def graph_op_types(layer, shape, training):
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+        return tape.gradient(tf.reduce_sum(y * y), x)
+
+    graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        types |= {node.op for node in function.node_def}
+    return types
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm"])
+def test_a_graph_run_without_xla_sums_with_reduce_sum(name):
+    layer = OURS[name][0]()
+    layer.build((8, 3, 3, 4))
+    types = graph_op_types(layer, (8, 3, 3, 4), training=True)
+    assert "Sum" in types
+    # The XLA layout of the sums: complex packing and products with ones.
+    assert not types & {"Complex", "BatchMatMulV2", "MatMul"}, types
+    assert not any("PartitionedCall" in t for t in types), types
+
+
+def test_a_large_input_keeps_the_xla_dispatch():
+    layer = kerasbn.BatchNorm()
+    layer.build((16, 8, 8, 128))  # 131072 elements
+    types = graph_op_types(layer, (16, 8, 8, 128), training=True)
+    assert any("PartitionedCall" in t for t in types), types
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "64"])
+def test_bad_min_elements_is_a_value_error_naming_it(value):
+    with pytest.raises(ValueError, match="min_elements"):
+        kernels.set_xla_policy(min_elements=value)
+    assert kernels.get_xla_policy()["min_elements"] == kernels.warmup.DEFAULT_MIN_ELEMENTS
+
+
+def test_eager_training_call_without_a_tape_equals_the_traced_call(rng):
+    x = rng.normal(2.0, 3.0, (32, 5)).astype("float32")
+    eager, traced = kerasbn.BatchNorm(momentum=0.5), kerasbn.BatchNorm(momentum=0.5)
+    for _ in range(3):
+        y_eager = eager(x, training=True)
+        y_traced = tf.function(lambda v: traced(v, training=True))(x)
+    np.testing.assert_allclose(y_eager.numpy(), y_traced.numpy(), rtol=1e-6, atol=1e-6)
+    for mine, want in zip(eager.non_trainable_weights, traced.non_trainable_weights):
+        np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-6)
+    expected, _, _ = batch_norm_reference(x, None, None, 1e-3, -1)
+    np.testing.assert_allclose(y_eager.numpy(), expected, rtol=1e-5, atol=1e-5)
