@@ -324,6 +324,19 @@ class _Programs:
         )
 
 
+class _InlineOps:
+    """A kernel's forward and backward as plain ops added to the caller's graph.
+
+    The same two functions as `_Programs`, without a `tf.function` around them:
+    no program call, and TensorFlow's graph optimizer sees the ops with the
+    caller's static shapes.
+    """
+
+    def __init__(self, fn):
+        self.forward = _built(_forward_program(fn), for_xla=False)
+        self.backward = _built(_backward_program(fn), for_xla=False)
+
+
 class _Dispatch:
     """Programs that count a training call and run the XLA or the plain programs.
 
@@ -363,12 +376,6 @@ class _Dispatch:
         )
 
 
-# How a training call runs, when not decided per call by the dispatch programs.
-_INLINE = "inline"  # plain ops in the caller's graph (small inputs)
-_PLAIN = "plain"  # the plain programs
-_NESTED = "nested"  # plain programs built for the enclosing XLA-compiled caller
-
-
 class Kernel:
     """A pure function compiled twice, with XLA and without, called where each pays.
 
@@ -392,7 +399,9 @@ class Kernel:
         self.fn = fn
         self.xla = _Programs(fn, jit_compile=True)
         self.plain = _Programs(fn, jit_compile=False)
+        # Plain programs built for the enclosing XLA-compiled caller.
         self.nested = _Programs(fn, jit_compile=False, for_xla=True)
+        self.inline = _InlineOps(fn)
         self.dispatch = _Dispatch(fn, self.xla)
         self.eager = _Program(fn, jit_compile=False)
         self._shape_use = {}
@@ -450,10 +459,11 @@ class Kernel:
         return self._call_recorded(args, kwargs, positions, sources, gate)
 
     def _gate(self, args, kwargs, jit_compile, shape_use):
-        """How a training call runs: `_NESTED`, `_INLINE` or `_PLAIN` (see
-        `Kernel`), or the `ShapeUse` whose counts decide per call."""
+        """How a training call runs: the forward and backward of `self.nested`,
+        `self.inline` or `self.plain` (see `Kernel`), or the `ShapeUse` whose
+        counts decide per call between the XLA and the plain programs."""
         if tf_internals.in_xla_context():
-            return _NESTED
+            return self.nested
         x = args[0]
         small = (
             x.shape.is_fully_defined()
@@ -465,9 +475,9 @@ class Kernel:
         # (MirroredStrategy, replicas of 6 and 10 masked examples: a reshape
         # of 120 values to 4); the programs, traced with relaxed shapes, work.
         if small and not tf.executing_eagerly() and not tf.distribute.has_strategy():
-            return _INLINE
+            return self.inline
         if small or not jit_compile or not xla_allowed():
-            return _PLAIN
+            return self.plain
         if shape_use is None:
             key = _signature_key(args, kwargs)
             if key not in self._shape_use:
@@ -482,17 +492,14 @@ class Kernel:
             stopped_args, stopped_kwargs = _with_sources(
                 args, kwargs, positions, [tf.stop_gradient(source) for source in sources]
             )
-            if gate is _INLINE:
-                with _building(False):
-                    outputs, residuals = _forward_program(self.fn)(*stopped_args, **stopped_kwargs)
-                compiled = gate
-            elif gate in (_PLAIN, _NESTED):
-                programs = self.plain if gate is _PLAIN else self.nested
-                outputs, residuals = programs.forward(*stopped_args, **stopped_kwargs)
-                compiled = gate
+            # `route`: what the backward runs, the same ops as the forward or,
+            # after the dispatch, its run-time decision (a bool tensor).
+            if not isinstance(gate, warmup.ShapeUse):
+                outputs, residuals = gate.forward(*stopped_args, **stopped_kwargs)
+                route = gate
             else:
                 policy = warmup.get_xla_policy()
-                outputs, residuals, compiled = self.dispatch.forward(
+                outputs, residuals, route = self.dispatch.forward(
                     gate.handle(),
                     *stopped_args,
                     warmup_calls=policy["warmup_calls"],
@@ -504,7 +511,7 @@ class Kernel:
 
             def grad(*upstream, variables=None):
                 grads = self._gradients(
-                    args, kwargs, positions, sources, residuals, upstream, compiled
+                    args, kwargs, positions, sources, residuals, upstream, route
                 )
                 if variables:
                     return grads, [None] * len(variables)
@@ -514,7 +521,7 @@ class Kernel:
 
         return run(*sources)
 
-    def _gradients(self, args, kwargs, positions, sources, residuals, upstream, compiled):
+    def _gradients(self, args, kwargs, positions, sources, residuals, upstream, route):
         """The backward program's gradients; exactly differentiable when recorded.
 
         `upstream` has None for outputs without a gradient. Recorded means that
@@ -530,14 +537,9 @@ class Kernel:
             return [tf.zeros_like(source) for source in sources]
         if not tf_internals.gradient_possibly_watched(list(sources) + given):
             inputs = (args, kwargs, residuals, given, positions, present)
-            if compiled is _INLINE:
-                with _building(False):
-                    return list(_backward_program(self.fn)(*inputs))
-            if compiled is _PLAIN:
-                return list(self.plain.backward(*inputs))
-            if compiled is _NESTED:
-                return list(self.nested.backward(*inputs))
-            return list(self.dispatch.backward(compiled, *inputs))
+            if tf.is_tensor(route):
+                return list(self.dispatch.backward(route, *inputs))
+            return list(route.backward(*inputs))
         return _autodiff_gradients(self.fn, args, kwargs, positions, sources, upstream)
 
     def experimental_get_tracing_count(self):
