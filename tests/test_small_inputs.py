@@ -102,12 +102,13 @@ def test_plain_sums_stay_exact_at_a_large_mean(rng):
     np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-6)
 
 
-def graph_op_types(layer, shape, training):
+def graph_op_types(layer, shape):
+    """Op types of a traced training step of `layer`, its functions' included."""
     @tf.function
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=training)
+            y = layer(x, training=True)
         return tape.gradient(tf.reduce_sum(y * y), x)
 
     graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
@@ -121,7 +122,7 @@ def graph_op_types(layer, shape, training):
 def test_a_graph_run_without_xla_sums_with_reduce_sum(name):
     layer = OURS[name][0]()
     layer.build((8, 3, 3, 4))
-    types = graph_op_types(layer, (8, 3, 3, 4), training=True)
+    types = graph_op_types(layer, (8, 3, 3, 4))
     assert "Sum" in types
     # The XLA layout of the sums: complex packing and products with ones.
     assert not types & {"Complex", "BatchMatMulV2", "MatMul"}, types
@@ -131,7 +132,7 @@ def test_a_graph_run_without_xla_sums_with_reduce_sum(name):
 def test_a_large_input_keeps_the_xla_dispatch():
     layer = kerasbn.BatchNorm()
     layer.build((16, 8, 8, 128))  # 131072 elements
-    types = graph_op_types(layer, (16, 8, 8, 128), training=True)
+    types = graph_op_types(layer, (16, 8, 8, 128))
     assert any("PartitionedCall" in t for t in types), types
 
 
