@@ -58,7 +58,7 @@ def group_parameter(param, rank, groups, channel_axis, default, dtype):
     return tf.reshape(param, shape)
 
 
-@kernel
+@kernel(per_layer_ints=("groups",))
 def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, activation=None):
     """Group-normalises `x`.
 
@@ -67,7 +67,9 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, acti
       gamma, beta: per-channel tensors, or None for no scale / no offset.
       mask: optional boolean tensor of `x`'s shape without the channel axis;
         False positions are excluded from the statistics.
-      groups: Python int dividing the number of channels.
+      groups: Python int (or int32 scalar tensor) dividing the number of
+        channels. The kernel's programs take it as a tensor: one trace
+        serves every group count.
       epsilon: Python float.
       channel_axis: non-negative int.
       activation: None, or the name of a fused activation applied to the
