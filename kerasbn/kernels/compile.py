@@ -330,17 +330,48 @@ class _Programs:
         )
 
 
+class _Taped:
+    """What an inline forward keeps for its backward: its tape, inputs, outputs."""
+
+    def __init__(self, tape, inputs, outputs):
+        self.tape, self.inputs, self.outputs = tape, inputs, outputs
+
+
 class _InlineOps:
     """A kernel's forward and backward as plain ops added to the caller's graph.
 
-    The same two functions as `_Programs`, without a `tf.function` around them:
-    no program call, and TensorFlow's graph optimizer sees the ops with the
-    caller's static shapes.
+    No program call, and TensorFlow's graph optimizer sees the ops with the
+    caller's static shapes. Unlike the programs' backward, which re-traces the
+    kernel with its residuals fed back in, the forward runs the kernel once
+    under a tape of its own and the backward asks that tape for the gradient:
+    the kernel's hand-derived gradient is built on the forward's tensors, and
+    the kernel is traced once, not twice (the ops of a model's first step are
+    traced one by one, at about a millisecond each).
     """
 
     def __init__(self, fn):
-        self.forward = _built(_forward_program(fn), for_xla=False)
-        self.backward = _built(_backward_program(fn), for_xla=False)
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        inputs = tf.nest.flatten((args, kwargs))
+        # Persistent: a persistent outer tape may ask for the gradient twice.
+        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
+        with tape, _building(for_xla=False):
+            tape.watch([value for value in inputs if _differentiable(value)])
+            outputs = self.fn(*args, **kwargs)
+        return outputs, _Taped(tape, inputs, tf.nest.flatten(outputs))
+
+    @staticmethod
+    def backward(args, kwargs, taped, upstream, positions, upstream_positions):
+        """The same arguments as the programs' backward, `taped` for their residuals."""
+        del args, kwargs  # the tape holds the forward's own inputs
+        with _building(for_xla=False):
+            return taped.tape.gradient(
+                [taped.outputs[i] for i in upstream_positions],
+                [taped.inputs[i] for i in positions],
+                output_gradients=list(upstream),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
 
 
 class _Dispatch:
