@@ -142,5 +142,7 @@ def batch_norm_inference(
     shift = -mean * scale
     if beta is not None:
         shift = shift + beta
-    z = x * to_broadcast(scale, rank, feature_axes) + to_broadcast(shift, rank, feature_axes)
-    return activate(z, activation)
+    if tuple(feature_axes) != (rank - 1,):  # per-channel vectors broadcast on the last axis as they are
+        scale = to_broadcast(scale, rank, feature_axes)
+        shift = to_broadcast(shift, rank, feature_axes)
+    return activate(x * scale + shift, activation)
