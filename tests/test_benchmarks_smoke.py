@@ -142,7 +142,9 @@ def test_first_calls_tables_report_medians_ratios_and_verdicts():
         for variant, seconds in zip(first_calls.VARIANTS, (10.0, 11.0, 20.0, 40.0))
     }
     _, body = _table("\n".join(first_calls.table(results)), "new shapes")
-    assert [row[1:] for row in body] == [["11.0 s", "12.0 s", "21.0 s", "41.0 s", "1.09×", "1.95×"]] * 2
+    assert [row[1:] for row in body] == [["11.0 s", "12.0 s", "21.0 s", "41.0 s", "1.09×", "1.95×"]] * len(
+        first_calls.CASES
+    )
     verdicts = first_calls.target_lines(results)
     assert any("kerasbn time ÷ Keras BN: 1.09× (target ≤ 1.2×) — **met**" in line for line in verdicts)
     assert any("kerasbn GN time ÷ Keras GN: 1.95× (target ≤ 1.5×) — **NOT met**" in line for line in verdicts)
