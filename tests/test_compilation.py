@@ -59,7 +59,7 @@ def test_a_short_fit_with_a_partial_last_batch_compiles_nothing(counts):
 
 def test_small_inputs_never_compile_and_large_ones_do_without_warm_up(counts):
     assert warmup.DEFAULT_MIN_ELEMENTS > 16 * 6 * 6 * 4
-    assert warmup.DEFAULT_MIN_ELEMENTS <= 16 * 6 * 6 * 256
+    assert warmup.DEFAULT_MIN_ELEMENTS <= 16 * 6 * 6 * 2048
     assert counts["threshold: 3 training steps, small input, shape known while tracing"] == 0
     assert counts["threshold: 3 training steps, large input, shape known while tracing"] >= 2
     assert counts["threshold: 5 training steps, small input, shape seen at run time"] == 0

@@ -36,7 +36,15 @@ DEFAULT_MAX_SHAPES = 16
 # (32, 4, 4, 64) 1.18 / 0.77, (32, 8, 8, 32) 1.40 / 1.25, (32, 8, 8, 64)
 # 1.60 / 2.26; GroupNorm(8) (32, 4, 4, 64) 1.20 / 0.98, (32, 8, 8, 32)
 # 1.27 / 2.19. A 12-layer MLP of width 64 at batch 64 trained 2.5x faster.
-DEFAULT_MIN_ELEMENTS = 1 << 16
+# In whole models the crossover is higher: inline plain ops fuse with their
+# neighbours and cost no program call, so they win up to about 2^20 elements
+# although a layer alone is faster on its XLA programs from about 2^17. One
+# process, 6 interleaved rounds, Keras' plain training step ÷ ours at
+# min_elements 2^16 / 2^18 / 2^20: MobileNetV2 (batch 32, 96x96) 1.24 / 1.19 /
+# 1.28, EfficientNetB0 1.05 / 1.10 / 1.11, ResNet50 (16, 64x64) 1.04 / 1.02 /
+# 1.02, DenseNet121 (16, 64x64) 0.92 / 0.90 / 1.00 (an earlier run: DenseNet121
+# 0.96 at 2^16, 1.04 at 2^20).
+DEFAULT_MIN_ELEMENTS = 1 << 20
 
 _settings = {
     "warmup_calls": DEFAULT_WARMUP_CALLS,
@@ -74,7 +82,7 @@ def set_xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
       max_shapes: int >= 0, default 16. Shapes compiled per kernel and
         configuration; further shapes stay plain (a warning says so once). 0
         never compiles. `ValueError` if negative or not an int.
-      min_elements: int >= 0, default 65536. Inputs with fewer elements are
+      min_elements: int >= 0, default 1048576 (2^20). Inputs with fewer elements are
         never compiled: their training calls run plain ops, inline in the
         caller's graph when the shape is known while tracing. 0 lets every
         size compile. `ValueError` if negative or not an int.

@@ -107,7 +107,7 @@ def main(dump, output):
 def size_threshold_phases(rng, phase):
     """Default `min_elements`, no warm-up: small inputs never compile, large ones do."""
     kernels.set_xla_policy(warmup_calls=0, min_elements=kernels.warmup.DEFAULT_MIN_ELEMENTS)
-    for channels, name in ((4, "small"), (256, "large")):  # 16x6x6x4 and 16x6x6x256 elements
+    for channels, name in ((4, "small"), (2048, "large")):  # 16x6x6x4 and 16x6x6x2048 elements
         model = model_with(lambda: kerasbn.BatchNorm(), channels=channels)
         model.compile(optimizer="sgd", loss="mse")
         x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
