@@ -255,14 +255,8 @@ def _backward_program(fn):
         given the gradients `upstream` of the outputs at `upstream_positions`
         (the others have none: zeros fed in would be constants, which also make
         the graph optimizer copy the program per call site)."""
-        # Fresh copies of the sources: `tf.gradients` walks every consumer of
-        # its sources, and inline in a training step's graph (`_InlineOps`)
-        # the input's consumers are the rest of the network and its gradient
-        # (measured: 0.24 s per layer while tracing a MobileNetV2 step). A
-        # copy's consumers are only the ops below.
         flat = tf.nest.flatten((args, kwargs))
-        sources = [tf.identity(flat[i]) for i in positions]
-        args, kwargs = _with_sources(args, kwargs, positions, sources)
+        sources = [flat[i] for i in positions]
         with _residual_scope(residuals):
             outputs = fn(*args, **kwargs)
         outputs = [tf.nest.flatten(outputs)[i] for i in upstream_positions]
