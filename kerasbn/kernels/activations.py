@@ -2,10 +2,12 @@
 
 A normalization followed by an activation, `y = f(z)` with `z = (x − μ) k + c`,
 costs one extra pass over memory forward and one backward when `f` runs as its
-own op. Fused, the forward applies `f` in the same loop that writes `y`, and
-the backward never stores `z`: it recomputes `z` from `x` where it needs
-`f'(z)` (one multiply-add per element, inside loops that read `x` anyway) and
-uses `dz = dy · f'(z)` in place of `dy`.
+own op. Fused and compiled by XLA, the forward applies `f` in the same loop
+that writes `y`, and the backward never stores `z`: it recomputes `z` from `x`
+where it needs `f'(z)` (one multiply-add per element, inside loops that read
+`x` anyway) and uses `dz = dy · f'(z)` in place of `dy`. A graph that
+TensorFlow runs op by op (not built for XLA) keeps `z` instead, as separate
+layers do, and uses TensorFlow's own gradient op where there is one.
 
 Each activation is Keras' function of that name with its default arguments
 (`keras.activations.<name>`), written here with TensorFlow ops, with its
@@ -17,6 +19,8 @@ import math
 
 import numpy as np
 import tensorflow as tf
+
+from kerasbn.kernels.compile import built_for_xla
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -181,6 +185,18 @@ def activate(z, name):
     return _FUNCTIONS[name][0](z)
 
 
+# TensorFlow's own gradient ops, one pass over memory where `dy * f'(z)` is
+# three (compare, cast, multiply) when a graph runs op by op. XLA fuses either
+# form into one loop, so graphs built for it keep the formula.
+_GRADIENT_OPS = {
+    "relu": lambda dy, z: tf.raw_ops.ReluGrad(gradients=dy, features=z),
+    "relu6": lambda dy, z: tf.raw_ops.Relu6Grad(gradients=dy, features=z),
+    "leaky_relu": lambda dy, z: tf.raw_ops.LeakyReluGrad(
+        gradients=dy, features=z, alpha=LEAKY_RELU_SLOPE
+    ),
+}
+
+
 def activation_gradient(dy, z, name):
     """`dy · f'(z)`: the gradient reaching `z` through the activation `name`.
 
@@ -190,4 +206,6 @@ def activation_gradient(dy, z, name):
     if name is None:
         return dy
     _check(name)
+    if name in _GRADIENT_OPS and not built_for_xla():
+        return _GRADIENT_OPS[name](dy, z)
     return dy * _FUNCTIONS[name][1](z)

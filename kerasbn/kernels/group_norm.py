@@ -34,6 +34,7 @@ import tensorflow as tf
 from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.compile import kernel, statistics_are_differentiable
 from kerasbn.kernels.moments import moments, sum_over, sum_pair
+from kerasbn.kernels.normalize import kept_for_backward
 
 
 def grouped_shape(x, groups, channel_axis):
@@ -103,11 +104,14 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, acti
 
     @tf.custom_gradient
     def forward(grouped, gamma, beta):
-        y = activate(normalized(grouped, gamma, beta), activation)
+        z = normalized(grouped, gamma, beta)
+        y = activate(z, activation)
+        kept = kept_for_backward(z, activation)
 
         def grad(dy):
             # Through the activation first: dz = dy f'(z).
-            dy = activation_gradient(dy, normalized(grouped, gamma, beta), activation)
+            z = normalized(grouped, gamma, beta) if kept is None else kept
+            dy = activation_gradient(dy, z, activation)
             # Per sample and channel, over the other axes (one pass over dy
             # and x; for rank 2 there is nothing to sum and these are dy
             # itself): A = Σ dy, B = Σ dy (x - μ). Every sum the gradient

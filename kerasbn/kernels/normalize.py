@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate, activation_gradient
-from kerasbn.kernels.compile import statistics_are_differentiable
+from kerasbn.kernels.compile import built_for_xla, statistics_are_differentiable
 from kerasbn.kernels.moments import sum_pair
 
 
@@ -64,8 +64,24 @@ def normalize_forward(x, gamma, beta, mean, inv_std, r=None, d=None, activation=
     All per-feature arguments are shaped to broadcast against `x`; `activation`
     is None or a name from `activations.ACTIVATIONS`.
     """
+    return activate(pre_activation(x, gamma, beta, mean, inv_std, r, d), activation)
+
+
+def pre_activation(x, gamma, beta, mean, inv_std, r=None, d=None):
+    """`z = γ (r (x - μ) inv_std + d) + β`, before the fused activation."""
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
-    return activate((x - mean) * scale + shift, activation)
+    return (x - mean) * scale + shift
+
+
+def kept_for_backward(z, activation):
+    """The pre-activation `z` the backward reads, or None to recompute it from `x`.
+
+    XLA fuses the recomputation into the backward's passes over `x`, so
+    nothing is kept; run op by op, recomputing is three more passes over
+    memory, so a graph not built for XLA keeps `z`, as Keras' separate
+    activation layer does.
+    """
+    return z if activation is not None and not built_for_xla() else None
 
 
 def normalize_backward(
@@ -83,6 +99,7 @@ def normalize_backward(
     d=None,
     all_reduce=None,
     activation=None,
+    z=None,
 ):
     """Gradients `(dx, dγ, dβ)` of `normalize_forward` through the batch statistics.
 
@@ -94,6 +111,8 @@ def normalize_backward(
       mask: optional boolean tensor broadcastable to `x`.
       all_reduce: optional callable summing a list of tensors over replicas.
       activation: the fused activation's name, or None.
+      z: the forward's pre-activation (`kept_for_backward`), or None to
+        recompute it from `x`.
 
     Returns:
       `dx` (shape of `x`) and `dγ`, `dβ` in the broadcast shape of `gamma` and
@@ -103,8 +122,8 @@ def normalize_backward(
     divisor = tf.maximum(count, 1.0)
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
     if activation is not None:
-        # dz = dy f'(z), z recomputed from x: XLA fuses it into both passes below.
-        dy = activation_gradient(dy, (x - mean) * scale + shift, activation)
+        # dz = dy f'(z); recomputed, z costs XLA nothing: it fuses into both passes below.
+        dy = activation_gradient(dy, (x - mean) * scale + shift if z is None else z, activation)
     # S2 = Σ dy x̂ = inv_std Σ dy (x - μ): one multiply per element fewer.
     sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes)
     sum_dy_xhat = sum_dy_centred * inv_std
@@ -181,7 +200,9 @@ def normalize_with_batch_statistics(
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
-        y = normalize_forward(x, gamma, beta, mean, inv_std, r, d, activation)
+        z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
+        y = activate(z, activation)
+        z = kept_for_backward(z, activation)
 
         def grad(dy):
             # Without the private API to tell, first-order training must go on.
@@ -206,6 +227,7 @@ def normalize_with_batch_statistics(
                 d=d,
                 all_reduce=all_reduce,
                 activation=activation,
+                z=z,
             )
 
         return y, grad
