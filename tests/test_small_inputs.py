@@ -109,7 +109,10 @@ def graph_op_types(layer, shape):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-        return tape.gradient(tf.reduce_sum(y * y), x)
+            loss = tf.reduce_sum(y * y)  # on the tape: the step has a backward
+        gradient = tape.gradient(loss, x)
+        assert gradient is not None
+        return gradient
 
     graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
     types = {op.type for op in graph.get_operations()}
