@@ -117,26 +117,36 @@ def same_weights(ours, theirs, shape, axis, rng):
     ours.set_weights(weights)
 
 
-def outputs_and_gradients(layer, x, weight, activation=None, training=True, mask=None):
-    """y and d(Σ weight·sin(y))/d(x, γ, β); `activation` applied after `layer` if given."""
-    sources = [x] + layer.trainable_weights
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        kwargs = {} if mask is None else {"mask": mask}
-        y = layer(x, training=training, **kwargs)
-        if activation is not None:
-            y = reference_activation(activation)(y)
-        loss = tf.reduce_sum(weight * tf.sin(y))
-    return [y.numpy()] + [g.numpy() for g in tape.gradient(loss, sources)]
+def outputs_and_gradients(layer, x, weight, activation=None, training=True, mask=None, traced=False):
+    """y and d(Σ weight·sin(y))/d(x, γ, β); `activation` applied after `layer` if given.
+
+    `traced`: in a `tf.function` (with these static shapes, a small input's
+    kernel goes inline into it) rather than eagerly (the kernel's programs).
+    """
+
+    def step(x):
+        sources = [x] + layer.trainable_weights
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            kwargs = {} if mask is None else {"mask": mask}
+            y = layer(x, training=training, **kwargs)
+            if activation is not None:
+                y = reference_activation(activation)(y)
+            loss = tf.reduce_sum(weight * tf.sin(y))
+        return [y] + tape.gradient(loss, sources)
+
+    return [t.numpy() for t in (tf.function(step) if traced else step)(x)]
 
 
-def check_against_keras(kind, activation, jit, rng, shape=(6, 3, 4), axis=-1, training=True):
+def check_against_keras(
+    kind, activation, jit, rng, shape=(6, 3, 4), axis=-1, training=True, traced=False
+):
     ours, theirs = pair(kind, activation, jit, axis)
     same_weights(ours, theirs, shape, axis, rng)
     x = tf.constant(rng.normal(0.5, 2.0, shape))
     weight = tf.constant(rng.normal(size=shape))
     expected = outputs_and_gradients(theirs, x, weight, activation, training)
-    actual = outputs_and_gradients(ours, x, weight, None, training)
+    actual = outputs_and_gradients(ours, x, weight, None, training, traced=traced)
     for name, a, e in zip(["y", "dx", "dgamma", "dbeta"], actual, expected):
         np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-10, err_msg=f"{kind} {activation} {name}")
 
@@ -151,6 +161,14 @@ def test_batch_norm_with_each_activation_matches_keras_pair(rng, activation):
 @pytest.mark.parametrize("jit", [True, False])
 def test_renorm_and_group_norm_with_activation_match_keras_pair(rng, kind, activation, jit):
     check_against_keras(kind, activation, jit, rng, shape=(5, 3, 2, 4))
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu", "silu"])
+@pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])
+def test_inline_training_step_with_activation_matches_keras_pair(rng, kind, activation):
+    # Traced with a small static shape, the kernel goes inline into the step,
+    # keeps the pre-activation and takes TensorFlow's gradient op (ReluGrad...).
+    check_against_keras(kind, activation, True, rng, shape=(5, 3, 2, 4), traced=True)
 
 
 @pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "GroupNorm"])

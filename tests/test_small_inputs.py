@@ -194,7 +194,7 @@ def test_inline_call_serves_a_persistent_tape_twice_and_counts_its_graph_ops(rng
 
     first, second = twice(OURS[name][0]())
     assert counts["backward"] < counts["forward"], counts
-    keras_first, keras_second = twice(KERAS[name]())
+    keras_first, _ = twice(KERAS[name]())
     for mine, again, want in zip(first, second, keras_first):
         np.testing.assert_array_equal(mine, again)
         np.testing.assert_allclose(mine, want, rtol=1e-3, atol=1e-4)
@@ -203,7 +203,7 @@ def test_inline_call_serves_a_persistent_tape_twice_and_counts_its_graph_ops(rng
 @pytest.mark.parametrize("activation, op", [("relu", "ReluGrad"), ("relu6", "Relu6Grad")])
 def test_a_plain_graph_takes_tensorflows_activation_gradient_op(activation, op):
     # One pass over memory where compare, cast and multiply are three (the
-    # values themselves are checked against autodiff in test_activations.py).
+    # values themselves: test_activations.py, inline training steps).
     for layer in (kerasbn.BatchNorm(activation=activation), kerasbn.GroupNorm(2, activation=activation)):
         layer.build((8, 3, 3, 4))
         assert op in graph_op_types(layer, (8, 3, 3, 4))

@@ -13,7 +13,8 @@ worth a compilation, layers built with `jit_compile=False`, inside
 without XLA JIT and refuses functions marked `_XlaMustCompile`), and inside an
 XLA-compiled caller, whose compiler compiles the kernel together with the rest
 of the step. What is built for XLA and what for TensorFlow's executor differs
-in how it sums (`built_for_xla`, `moments.sum_over`).
+in how it sums (`built_for_xla`, `moments.sum_over`) and in whether a fused
+activation's backward recomputes its input or keeps it (`normalize.py`).
 
 Forward and backward are compiled as two programs. Differentiating a call of a
 `tf.function` the usual way makes TensorFlow add every tensor the backward needs
@@ -41,6 +42,7 @@ Plain training never takes this path.
 """
 
 import contextlib
+import numbers
 import threading
 
 import tensorflow as tf
@@ -91,7 +93,8 @@ def built_for_xla():
 
     `moments.sum_over` arranges its sums for XLA's CPU backend (blocked sums
     and matrix products); in a graph that TensorFlow runs op by op, one
-    `tf.reduce_sum` is fewer and faster ops. True unless a caller here says
+    `tf.reduce_sum` is fewer and faster ops. Fused activations likewise
+    recompute their input for XLA and keep it otherwise. True unless a caller here says
     otherwise (`_building`), so a kernel function called directly gets the
     form that is right in both.
     """
@@ -504,15 +507,17 @@ class Kernel:
         of a MobileNetV2 with 52 GroupNorms of 12 group counts took 38 s with
         Python ints, 36 s with constants, 10 s this way; Keras' own 13 s).
         XLA still compiles per value, which it reads when the program runs.
-        Inline ops and programs built for an XLA caller take the Python ints.
+        Inline ops and programs built for an XLA caller take the Python ints
+        (the latter are traced per value, once per jit-compiled step).
         """
         if not self._per_layer_ints:
             return kwargs
         kwargs = dict(kwargs)
         for name in self._per_layer_ints:
-            if isinstance(kwargs.get(name), int):
+            value = kwargs.get(name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 kwargs[name] = tf.raw_ops.PlaceholderWithDefault(
-                    input=tf.constant(kwargs[name], tf.int32), shape=[]
+                    input=tf.constant(int(value), tf.int32), shape=[]
                 )
         return kwargs
 

@@ -7,7 +7,7 @@ sample's group is normalised over its channels and every other non-batch axis:
 
 with f an optional fused activation (the identity by default; with one, dy
 below stands for dz = dy · f'(z), z recomputed from x inside the passes that
-read x anyway).
+read x anyway when built for XLA, kept from the forward otherwise).
 
 Backward, per sample n and group g with N elements, writing g = dy γ_c:
 

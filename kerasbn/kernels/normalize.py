@@ -16,9 +16,9 @@ output, masked or not, depends on μ_B and σ_B, so S1 and S2 still sum over all
 positions:
     dx = γ r / sqrt(σ²_B + ε) · (dy - w (S1/N + x̂ S2/N))
 
-With a fused activation, dy below stands for dz = dy · f'(z): z is recomputed
-from x inside the loops that read x anyway, so the activation costs no pass of
-its own.
+With a fused activation, dy below stands for dz = dy · f'(z). Built for XLA, z
+is recomputed from x inside the loops that read x anyway, so the activation
+costs no pass of its own; a graph run op by op keeps z (`kept_for_backward`).
 
 A feature with no element (empty or fully masked batch) has its inverse standard
 deviation set to 0: x̂ = 0, y = β and dx = 0 there instead of NaN.
