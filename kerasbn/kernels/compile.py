@@ -94,9 +94,9 @@ def built_for_xla():
     `moments.sum_over` arranges its sums for XLA's CPU backend (blocked sums
     and matrix products); in a graph that TensorFlow runs op by op, one
     `tf.reduce_sum` is fewer and faster ops. Fused activations likewise
-    recompute their input for XLA and keep it otherwise. True unless a caller here says
-    otherwise (`_building`), so a kernel function called directly gets the
-    form that is right in both.
+    recompute their input for XLA and keep it otherwise. True unless a caller
+    here says otherwise (`_building`), so a kernel function called directly
+    gets the form that is right in both.
     """
     return not getattr(_state, "plain_graph", False)
 

@@ -123,7 +123,9 @@ def normalize_backward(
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
     if activation is not None:
         # dz = dy f'(z); recomputed, z costs XLA nothing: it fuses into both passes below.
-        dy = activation_gradient(dy, (x - mean) * scale + shift if z is None else z, activation)
+        if z is None:
+            z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
+        dy = activation_gradient(dy, z, activation)
     # S2 = Σ dy x̂ = inv_std Σ dy (x - μ): one multiply per element fewer.
     sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes)
     sum_dy_xhat = sum_dy_centred * inv_std
