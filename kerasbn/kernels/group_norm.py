@@ -33,12 +33,32 @@ import tensorflow as tf
 
 from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.compile import kernel, statistics_are_differentiable
-from kerasbn.kernels.moments import moments, sum_over, sum_pair
-from kerasbn.kernels.normalize import kept_for_backward
+from kerasbn.kernels.moments import at_least_one, moments, sum_over, sum_pair
+from kerasbn.kernels.normalize import inverse_std, kept_for_backward
+
+
+def static_reshape_target(shape):
+    """`shape` (a `TensorShape`) as a list for `tf.reshape`, or None if it cannot be.
+
+    At most one dimension may be unknown (it becomes -1), and the known ones
+    must not be 0, or -1 would be ambiguous.
+    """
+    dims = shape.as_list()
+    if dims.count(None) > 1 or 0 in dims:
+        return None
+    return [-1 if dim is None else dim for dim in dims]
 
 
 def grouped_shape(x, groups, channel_axis):
-    """Shape of `x` with its channel axis split into (groups, channels // groups)."""
+    """Shape of `x` with its channel axis split into (groups, channels // groups).
+
+    A list of Python ints when it is known while tracing (fewer graph ops),
+    else a tensor.
+    """
+    static = static_reshape_target(x.shape)
+    channels = x.shape[channel_axis]
+    if static is not None and channels is not None and isinstance(groups, int):
+        return static[:channel_axis] + [groups, channels // groups] + static[channel_axis + 1 :]
     shape = tf.shape(x)
     per_group = shape[channel_axis] // groups
     return tf.concat(
@@ -80,7 +100,7 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, acti
       A tensor of `x`'s shape and dtype.
     """
     rank = x.shape.rank
-    original_shape = tf.shape(x)
+    original_shape = static_reshape_target(x.shape) or tf.shape(x)
     grouped = tf.reshape(x, grouped_shape(x, groups, channel_axis))
     group_axis, member_axis = channel_axis, channel_axis + 1
     axes = tuple(a for a in range(rank + 1) if a not in (0, group_axis))
@@ -92,8 +112,8 @@ def group_norm(x, gamma, beta, mask=None, *, groups, epsilon, channel_axis, acti
     gamma = group_parameter(gamma, rank, groups, channel_axis, 1.0, x.dtype)
     beta = group_parameter(beta, rank, groups, channel_axis, 0.0, x.dtype)
     mean, variance, count = moments(grouped, axes, mask)
-    inv_std = tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
-    divisor = tf.maximum(count, 1.0)
+    inv_std = inverse_std(variance, count, epsilon)
+    divisor = at_least_one(count)
 
     def normalized(grouped, gamma, beta):
         # One fused pass: (x - μ) (γ / σ) + β with the factor per sample and channel.

@@ -21,6 +21,8 @@ these arrangements are only more ops, each with its own launch cost: there a
 sum is one `tf.reduce_sum` (Eigen's, which adds in blocks too).
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -245,10 +247,27 @@ def element_count(x, axes, mask=None):
     unmasked positions, per feature position of the mask.
     """
     if mask is None:
+        static = [x.shape[axis] for axis in axes]
+        if None not in static:  # known while tracing: no ops to compute it
+            return tf.constant(float(math.prod(static)), x.dtype)
         dims = tf.gather(tf.shape(x), list(axes))
         return tf.cast(tf.reduce_prod(dims), x.dtype)
     ones = tf.cast(tf.broadcast_to(mask, _mask_shape(x, mask, axes)), x.dtype)
     return tf.reduce_sum(ones, axis=axes, keepdims=True)
+
+
+def known_count(count):
+    """The element count as a Python float when known while tracing, else None."""
+    value = tf.get_static_value(count)
+    return None if value is None or np.ndim(value) != 0 else float(value)
+
+
+def at_least_one(count):
+    """`max(count, 1)`: the divisor of a sum over `count` elements, safe when empty."""
+    known = known_count(count)
+    if known is not None:
+        return tf.constant(max(known, 1.0), count.dtype)
+    return tf.maximum(count, 1.0)
 
 
 def _mask_shape(x, mask, axes):
@@ -288,7 +307,7 @@ def moments(x, axes, mask=None):
     if not differentiable:
         x = tf.stop_gradient(x)
     count = element_count(x, axes, mask)
-    divisor = tf.maximum(count, 1.0)
+    divisor = at_least_one(count)
     if mask is None:
         mean = sum_over(x, axes) / divisor
         deviation = tf.square(x - mean)

@@ -42,11 +42,14 @@ import tensorflow as tf
 from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.compile import built_for_xla, statistics_are_differentiable
-from kerasbn.kernels.moments import sum_pair
+from kerasbn.kernels.moments import at_least_one, known_count, sum_pair
 
 
 def inverse_std(variance, count, epsilon):
     """`1 / sqrt(σ² + ε)`, and 0 for a feature without elements."""
+    known = known_count(count)
+    if known is not None and known > 0:
+        return tf.math.rsqrt(variance + epsilon)
     return tf.where(count > 0, tf.math.rsqrt(variance + epsilon), tf.zeros_like(variance))
 
 
@@ -119,7 +122,7 @@ def normalize_backward(
       `beta` (summed over the axes along which the statistics vary and the
       parameters are broadcast: the ghost axis of per-ghost-batch statistics).
     """
-    divisor = tf.maximum(count, 1.0)
+    divisor = at_least_one(count)
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
     if activation is not None:
         # dz = dy f'(z); recomputed, z costs XLA nothing: it fuses into both passes below.
