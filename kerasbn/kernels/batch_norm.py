@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from kerasbn.kernels.activations import activate
 from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.compile import kernel
+from kerasbn.kernels.compile import built_for_xla, gradient_never_taken, kernel
 from kerasbn.kernels.moments import moments
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
@@ -135,6 +135,8 @@ def batch_norm_inference(
     `shift = β - mean * scale`, computed per feature first, and `f` the fused
     activation (the identity when `activation` is None).
     """
+    if _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
+        return activate(_tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon), activation)
     rank = x.shape.rank
     scale = tf.math.rsqrt(variance + epsilon)
     if gamma is not None:
@@ -146,3 +148,45 @@ def batch_norm_inference(
         scale = to_broadcast(scale, rank, feature_axes)
         shift = to_broadcast(shift, rank, feature_axes)
     return activate(x * scale + shift, activation)
+
+
+# cuDNN's smallest epsilon: a served graph may run on a GPU.
+_FUSED_MIN_EPSILON = 1.001e-5
+
+
+def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
+    """Whether inference runs as TensorFlow's `FusedBatchNormV3` op.
+
+    In a graph that TensorFlow runs op by op (`predict`, an export), with no
+    gradient ever taken, for float32 NHWC inputs. It is one pass over `x`
+    where the multiply-add is two, and TensorFlow's graph optimizer (its
+    remapper) folds it, with a following relu, relu6, elu or leaky relu, into
+    a preceding `Conv2D` (`_FusedConv2D`): the normalization then costs no
+    pass of its own (measured in `benchmarks/models.py`).
+    """
+    return (
+        not built_for_xla()
+        and gradient_never_taken()
+        and x.dtype == tf.float32
+        and x.shape.rank == 4
+        and tuple(feature_axes) == (3,)
+        and epsilon >= _FUSED_MIN_EPSILON
+    )
+
+
+def _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon):
+    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0."""
+    scale = tf.ones_like(mean) if gamma is None else gamma
+    offset = tf.zeros_like(mean) if beta is None else beta
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=scale,
+        offset=offset,
+        mean=mean,
+        variance=variance,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=False,
+    )[0]
+    return y

@@ -88,6 +88,18 @@ def statistics_are_differentiable():
     return getattr(_state, "differentiable_statistics", False)
 
 
+def _without_gradient():
+    """Within this context kernels are built for a call no gradient is taken of."""
+    return _thread_flag("without_gradient")
+
+
+def gradient_never_taken():
+    """Whether the kernel being built now is one no tape records (an inline
+    call at inference, an export): it may use ops whose gradients it would
+    otherwise have to vouch for."""
+    return getattr(_state, "without_gradient", False)
+
+
 def built_for_xla():
     """Whether the kernel being built now will be compiled by XLA.
 
@@ -493,7 +505,8 @@ class Kernel:
             # inference (GroupNorm: 66 graph ops with the custom gradient,
             # 43 without; Keras' own layer makes 40).
             with _building(tf_internals.in_xla_context()), differentiable_statistics():
-                return self.fn(*args, **kwargs)
+                with _without_gradient():
+                    return self.fn(*args, **kwargs)
         sources = [flat[i] for i in positions]
         gate = self._gate(args, kwargs, jit_compile, shape_use)
         if gate is not self.inline and gate is not self.nested:

@@ -1,0 +1,140 @@
+"""Inference in graphs TensorFlow runs op by op: TensorFlow's FusedBatchNormV3.
+
+Where no gradient is ever taken (`predict`, an export), a float32 NHWC
+inference is one `FusedBatchNormV3` op, which TensorFlow's graph optimizer can
+fold into a preceding convolution. These tests check that the op is there
+exactly where it applies, and that outputs equal Keras' layers and a float64
+formula either way.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from references import inference_reference
+
+FUSED_OP = "FusedBatchNormV3"
+
+
+def predict_graph_ops(model, shape):
+    """Op types of the graph `model(x, training=False)` builds, with its functions."""
+    function = tf.function(lambda x: model(x, training=False))
+    graph = function.get_concrete_function(tf.TensorSpec((None,) + shape[1:])).graph
+    types = {op.type for op in graph.get_operations()}
+    for inner in graph.as_graph_def().library.function:
+        types |= {node.op for node in inner.node_def}
+    return types
+
+
+def conv_model(normalization, activation, shape):
+    inputs = keras.Input(shape[1:])
+    y = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(inputs)
+    y = normalization()(y)
+    if activation is not None:
+        y = keras.layers.Activation(activation)(y)
+    return keras.Model(inputs, y)
+
+
+def randomized(model, rng):
+    for variable in model.weights:
+        if "variance" in variable.path:
+            value = rng.uniform(0.3, 2.5, variable.shape)
+        else:
+            value = rng.normal(0.0, 1.0, variable.shape)
+        variable.assign(value.astype("float32"))
+    return model
+
+
+CASES = [
+    # layer, options, activation (fused into ours, separate in Keras')
+    (kerasbn.BatchNorm, {}, None),
+    (kerasbn.BatchNorm, {}, "relu"),
+    (kerasbn.BatchNorm, {}, "relu6"),
+    (kerasbn.BatchNorm, {}, "silu"),
+    (kerasbn.BatchNorm, {"center": False}, "relu"),
+    (kerasbn.BatchNorm, {"scale": False}, None),
+    (kerasbn.BatchNorm, {"center": False, "scale": False}, None),
+    (kerasbn.BatchNorm, {"epsilon": 1.001e-5}, "relu"),
+    (kerasbn.BatchRenorm, {}, "relu"),
+]
+
+
+@pytest.mark.parametrize("layer,options,activation", CASES)
+@pytest.mark.parametrize("batch", [0, 1, 6])
+def test_predict_equals_keras_and_uses_the_fused_op(rng, layer, options, activation, batch):
+    shape = (batch, 7, 6, 3)
+    keras_model = randomized(
+        conv_model(lambda: keras.layers.BatchNormalization(**options), activation, shape), rng
+    )
+    ours = kerasbn.convert(keras_model, batch_norm_to=layer, fuse_activations=True)
+    assert any(isinstance(l, layer) and l.activation is not None for l in ours.layers) == (
+        activation is not None
+    )
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    want = keras_model.predict_on_batch(x)
+    got = ours.predict_on_batch(x)
+    assert got.shape == want.shape == (batch, 7, 6, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert FUSED_OP in predict_graph_ops(ours, shape)
+
+
+def test_float64_formula_with_channels_last_conv_outputs(rng):
+    shape = (4, 5, 5, 6)
+    layer = kerasbn.BatchNorm(epsilon=1e-3)
+    layer.build(shape)
+    gamma, beta = rng.normal(1.0, 0.3, 6), rng.normal(0.0, 0.5, 6)
+    mean, variance = rng.normal(0.0, 2.0, 6), rng.uniform(0.2, 3.0, 6)
+    layer.set_weights([w.astype("float32") for w in (gamma, beta, mean, variance)])
+    x = rng.normal(2.0, 3.0, shape).astype("float32")
+    got = tf.function(lambda v: layer(v, training=False))(x).numpy()
+    want = inference_reference(x.astype("float64"), gamma, beta, mean, variance, 1e-3, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make,shape,why",
+    [
+        (lambda: kerasbn.BatchNorm(epsilon=1e-6), (2, 4, 4, 3), "epsilon below cuDNN's minimum"),
+        (lambda: kerasbn.BatchNorm(axis=1), (2, 3, 4, 4), "channels first"),
+        (lambda: kerasbn.BatchNorm(), (2, 4, 3), "rank 3"),
+        (lambda: kerasbn.BatchNorm(axis=[1, 3]), (2, 3, 4, 5), "two feature axes"),
+        (lambda: kerasbn.BatchNorm(dtype="float64"), (2, 4, 4, 3), "float64"),
+    ],
+)
+def test_other_inputs_keep_the_multiply_add(rng, make, shape, why):
+    inputs = keras.Input(shape[1:], dtype="float64" if "float64" in why else "float32")
+    model = keras.Model(inputs, make()(inputs))
+    randomized(model, rng)
+    assert FUSED_OP not in predict_graph_ops(model, shape), why
+    layer = model.layers[-1]
+    x = rng.normal(size=shape).astype(inputs.dtype)
+    weights = [w.numpy().astype("float64") for w in layer.weights]
+    axis = layer.axis
+    want = inference_reference(x.astype("float64"), *weights, layer.epsilon, axis)
+    np.testing.assert_allclose(model.predict_on_batch(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_recorded_gradient_does_not_use_the_fused_op(rng):
+    """A frozen layer under a tape keeps its own kernels (and their gradients)."""
+    shape = (3, 4, 4, 2)
+    layer = kerasbn.BatchNorm(trainable=False)
+    layer.build(shape)
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+
+    @tf.function
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, x)
+
+    graph = gradient.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for inner in graph.as_graph_def().library.function:
+        types |= {node.op for node in inner.node_def}
+    assert FUSED_OP not in types and "FusedBatchNormGradV3" not in types
+    scale = 1.0 / np.sqrt(1.0 + layer.epsilon)
+    y = x.numpy() * scale
+    np.testing.assert_allclose(gradient(x).numpy(), 2 * y * scale, rtol=1e-5, atol=1e-6)
