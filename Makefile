@@ -35,6 +35,7 @@ PLATFORM_TESTS := \
 	tests/test_group_norm.py \
 	tests/test_export.py \
 	tests/test_fusion.py \
+	tests/test_fused_inference.py \
 	tests/test_golden_savedmodels.py \
 	tests/test_recalibrate.py \
 	tests/test_channels_first.py \

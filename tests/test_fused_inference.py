@@ -18,10 +18,14 @@ from references import inference_reference
 FUSED_OP = "FusedBatchNormV3"
 
 
-def predict_graph_ops(model, shape):
+def predict_graph_ops(model, shape, dtype="float32", jit_compile=False):
     """Op types of the graph `model(x, training=False)` builds, with its functions."""
-    function = tf.function(lambda x: model(x, training=False))
-    graph = function.get_concrete_function(tf.TensorSpec((None,) + shape[1:])).graph
+    function = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
+    graph = function.get_concrete_function(tf.TensorSpec((None,) + shape[1:], dtype)).graph
+    return graph_op_types(graph)
+
+
+def graph_op_types(graph):
     types = {op.type for op in graph.get_operations()}
     for inner in graph.as_graph_def().library.function:
         types |= {node.op for node in inner.node_def}
@@ -104,10 +108,11 @@ def test_float64_formula_with_channels_last_conv_outputs(rng):
     ],
 )
 def test_other_inputs_keep_the_multiply_add(rng, make, shape, why):
-    inputs = keras.Input(shape[1:], dtype="float64" if "float64" in why else "float32")
+    dtype = "float64" if "float64" in why else "float32"
+    inputs = keras.Input(shape[1:], dtype=dtype)
     model = keras.Model(inputs, make()(inputs))
     randomized(model, rng)
-    assert FUSED_OP not in predict_graph_ops(model, shape), why
+    assert FUSED_OP not in predict_graph_ops(model, shape, dtype), why
     layer = model.layers[-1]
     x = rng.normal(size=shape).astype(inputs.dtype)
     weights = [w.numpy().astype("float64") for w in layer.weights]
@@ -130,11 +135,60 @@ def test_a_recorded_gradient_does_not_use_the_fused_op(rng):
             loss = tf.reduce_sum(tf.square(layer(x, training=True)))
         return tape.gradient(loss, x)
 
-    graph = gradient.get_concrete_function(x).graph
-    types = {op.type for op in graph.get_operations()}
-    for inner in graph.as_graph_def().library.function:
-        types |= {node.op for node in inner.node_def}
+    types = graph_op_types(gradient.get_concrete_function(x).graph)
     assert FUSED_OP not in types and "FusedBatchNormGradV3" not in types
     scale = 1.0 / np.sqrt(1.0 + layer.epsilon)
     y = x.numpy() * scale
     np.testing.assert_allclose(gradient(x).numpy(), 2 * y * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_an_xla_compiled_caller_keeps_the_multiply_add(rng):
+    inputs = keras.Input((4, 4, 3))
+    model = randomized(keras.Model(inputs, kerasbn.BatchNorm()(inputs)), rng)
+    assert FUSED_OP in predict_graph_ops(model, (2, 4, 4, 3))
+    assert FUSED_OP not in predict_graph_ops(model, (2, 4, 4, 3), jit_compile=True)
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    compiled = tf.function(lambda v: model(v, training=False), jit_compile=True)
+    np.testing.assert_allclose(compiled(x).numpy(), model.predict_on_batch(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_predict_equals_keras(rng, policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras_model = randomized(
+            conv_model(keras.layers.BatchNormalization, "relu", (3, 6, 6, 2)), rng
+        )
+        ours = kerasbn.convert(keras_model, fuse_activations=True)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
+    want = keras_model.predict_on_batch(x).astype("float32")
+    got = ours.predict_on_batch(x).astype("float32")
+    # Both round to the compute dtype; ours normalizes in float32 first.
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 3e-3
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+    assert FUSED_OP in predict_graph_ops(ours, (3, 6, 6, 2))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_graph_traced_without_a_tape_differentiates_later(rng, training):
+    """A concrete function traced with no tape, called under one: gradients of
+    the input, γ and β equal those of Keras' layer traced the same way."""
+    shape = (4, 3, 3, 5)
+    x = tf.constant(rng.normal(1.0, 2.0, shape).astype("float32"))
+    w = tf.constant(rng.normal(size=shape).astype("float32"))
+    gradients = []
+    for layer in (kerasbn.BatchNorm(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)):
+        layer.build(shape)
+        ranges = [(0.5, 1.5), (-1.0, 1.0), (-0.5, 0.5), (0.5, 2.0)]  # γ, β, mean, variance
+        layer.set_weights([np.linspace(*bounds, 5).astype("float32") for bounds in ranges])
+        forward = tf.function(lambda v, layer=layer: layer(v, training=training))
+        concrete = forward.get_concrete_function(tf.TensorSpec(shape))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(concrete(x) * w)
+        gradients.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for mine, want in zip(*gradients):
+        assert mine is not None and want is not None
+        np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)

@@ -198,3 +198,16 @@ def test_integer_input_is_normalized_in_float_unlike_keras(rng):
     # Keras fixed it.
     theirs = np.asarray(keras.layers.GroupNormalization(groups=2)(x), np.float64)
     assert np.abs(theirs - expected).max() > 0.5
+
+
+def test_the_kernel_refuses_groups_that_do_not_divide_a_static_channel_count():
+    """Its reshape target has -1 for the batch, which would absorb the mismatch."""
+
+    @tf.function
+    def call(x):
+        return kerasbn.kernels.group_norm(
+            x, None, None, groups=4, epsilon=1e-3, channel_axis=3
+        )
+
+    with pytest.raises(ValueError, match="`groups`"):
+        call.get_concrete_function(tf.TensorSpec((None, 4, 4, 6)))

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from kerasbn.kernels.activations import activate
 from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.compile import built_for_xla, gradient_never_taken, kernel
+from kerasbn.kernels.compile import built_for_xla, built_untaped, kernel
 from kerasbn.kernels.moments import moments
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
@@ -129,11 +129,14 @@ def updated_moving_statistics(moving_mean, moving_variance, mean, variance, coun
 def batch_norm_inference(
     x, gamma, beta, mean, variance, *, epsilon, feature_axes, activation=None
 ):
-    """Normalises `x` with given (moving) statistics: one fused pass.
+    """Normalises `x` with given (moving) statistics.
 
     `y = f(x * scale + shift)` with `scale = γ / sqrt(var + ε)` and
     `shift = β - mean * scale`, computed per feature first, and `f` the fused
-    activation (the identity when `activation` is None).
+    activation (the identity when `activation` is None). Under XLA that is one
+    fused pass; in a graph TensorFlow runs op by op and no tape records, a
+    float32 NHWC input goes through TensorFlow's `FusedBatchNormV3` instead
+    (`_tensorflow_fused_inference_applies`).
     """
     if _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
         return activate(_tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon), activation)
@@ -157,8 +160,8 @@ _FUSED_MIN_EPSILON = 1.001e-5
 def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
     """Whether inference runs as TensorFlow's `FusedBatchNormV3` op.
 
-    In a graph that TensorFlow runs op by op (`predict`, an export), with no
-    gradient ever taken, for float32 NHWC inputs. It is one pass over `x`
+    In a graph that TensorFlow runs op by op (`predict` on a CPU, an export)
+    and no tape records (`compile.built_untaped`), for float32 NHWC inputs. It is one pass over `x`
     where the multiply-add is two, and TensorFlow's graph optimizer (its
     remapper) folds it, with a following relu, relu6, elu or leaky relu, into
     a preceding `Conv2D` (`_FusedConv2D`): the normalization then costs no
@@ -166,7 +169,7 @@ def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
     """
     return (
         not built_for_xla()
-        and gradient_never_taken()
+        and built_untaped()
         and x.dtype == tf.float32
         and x.shape.rank == 4
         and tuple(feature_axes) == (3,)

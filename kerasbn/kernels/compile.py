@@ -38,7 +38,9 @@ records the gradient computation itself, the gradient is instead TensorFlow's
 autodiff of the kernel built in `differentiable_statistics()` mode, where the
 statistics are ordinary differentiable functions of `x` and no hand-derived
 gradient is used; the recording then differentiates it exactly, to any order.
-Plain training never takes this path.
+Plain training never takes this path. A call that no tape records at all
+(inference, an export) is built in that mode too: nothing needs the
+hand-derived gradient there, and the plain form is the smallest graph.
 """
 
 import contextlib
@@ -78,7 +80,8 @@ def differentiable_statistics():
 
     The batch statistics keep their gradient and no `tf.custom_gradient` is
     used, so TensorFlow's autodiff of a kernel is its exact derivative to any
-    order. Slower; used only to differentiate a gradient.
+    order. Slower to differentiate; used to differentiate a gradient, and for
+    calls no tape records (where it is the smallest graph).
     """
     return _thread_flag("differentiable_statistics")
 
@@ -88,16 +91,22 @@ def statistics_are_differentiable():
     return getattr(_state, "differentiable_statistics", False)
 
 
-def _without_gradient():
-    """Within this context kernels are built for a call no gradient is taken of."""
-    return _thread_flag("without_gradient")
+def _untaped():
+    """Within this context kernels are built for a call no tape records."""
+    return _thread_flag("untaped")
 
 
-def gradient_never_taken():
-    """Whether the kernel being built now is one no tape records (an inline
-    call at inference, an export): it may use ops whose gradients it would
-    otherwise have to vouch for."""
-    return getattr(_state, "without_gradient", False)
+def built_untaped():
+    """Whether the kernel being built now is a call no tape records, in a graph
+    TensorFlow runs op by op (`predict` on a CPU, an export).
+
+    Such a graph may still be differentiated later (a concrete function called
+    under a tape, `tf.gradients`): kernels built here use only ops with
+    TensorFlow gradients of their own, but may rely on them (TensorFlow's
+    `FusedBatchNormV3` at inference has gradients for x, γ and β, none for
+    the moving statistics).
+    """
+    return getattr(_state, "untaped", False)
 
 
 def built_for_xla():
@@ -499,14 +508,19 @@ class Kernel:
             # BatchNorm on (32, 1) without a tape took 21 ms op by op).
             if tf.executing_eagerly():
                 return self.eager(*args, **self._for_programs(kwargs))
+            if tf_internals.in_xla_context():
+                # The caller's compiler takes these ops; under stop_gradient
+                # in case the caller is differentiated from outside (see
+                # `moments.moments`).
+                with _building(for_xla=True):
+                    return self.fn(*args, **kwargs)
             # No tape records these ops, so they need no custom gradient and
             # no stop_gradient: the plain differentiable form is the smallest
             # graph, and tracing it is what a new batch size costs at
-            # inference (GroupNorm: 66 graph ops with the custom gradient,
-            # 43 without; Keras' own layer makes 40).
-            with _building(tf_internals.in_xla_context()), differentiable_statistics():
-                with _without_gradient():
-                    return self.fn(*args, **kwargs)
+            # inference (a GroupNorm's inference added 66 graph ops with the
+            # custom gradient and shape arithmetic, now 30; Keras' own 40).
+            with _building(for_xla=False), differentiable_statistics(), _untaped():
+                return self.fn(*args, **kwargs)
         sources = [flat[i] for i in positions]
         gate = self._gate(args, kwargs, jit_compile, shape_use)
         if gate is not self.inline and gate is not self.nested:

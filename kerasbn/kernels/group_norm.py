@@ -58,6 +58,12 @@ def grouped_shape(x, groups, channel_axis):
     static = static_reshape_target(x.shape)
     channels = x.shape[channel_axis]
     if static is not None and channels is not None and isinstance(groups, int):
+        if groups <= 0 or channels % groups:
+            # With -1 in the target, a reshape would absorb the mismatch.
+            raise ValueError(
+                f"Argument `groups` must divide the {channels} channels of the input. "
+                f"Received: groups={groups}"
+            )
         return static[:channel_axis] + [groups, channels // groups] + static[channel_axis + 1 :]
     shape = tf.shape(x)
     per_group = shape[channel_axis] // groups

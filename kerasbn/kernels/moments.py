@@ -294,8 +294,8 @@ def moments(x, axes, mask=None):
       NaN.
 
     The statistics carry no gradient (the normalisation's custom gradient
-    accounts for them), except in `differentiable_statistics()` mode, which
-    differentiates a gradient. The `stop_gradient` on the results also keeps the
+    accounts for them), except in `differentiable_statistics()` mode (to
+    differentiate a gradient, and in calls no tape records). The `stop_gradient` on the results also keeps the
     reshapes inside `sum_over` off the backward pass: TensorFlow builds a
     gradient for every op between a function's inputs and outputs, and a
     gradient of a reshape by a computed shape makes the backward of an XLA

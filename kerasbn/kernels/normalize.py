@@ -182,7 +182,8 @@ def normalize_with_batch_statistics(
     Args:
       x: float tensor.
       gamma, beta: per-feature tensors already shaped to broadcast against `x`.
-      mean, variance, count: outputs of `moments(stop_gradient(x), axes, mask)`.
+      mean, variance, count: outputs of `moments(x, axes, mask)` (under
+        stop_gradient, except in `differentiable_statistics()` mode).
       epsilon: Python float added to the variance.
       axes: tuple of reduced axes.
       mask: optional boolean tensor broadcastable to `x`.
