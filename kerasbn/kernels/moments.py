@@ -310,11 +310,11 @@ def moments(x, axes, mask=None):
     divisor = at_least_one(count)
     if mask is None:
         mean = sum_over(x, axes) / divisor
-        deviation = tf.math.squared_difference(x, mean)  # one op: no temporary x - mean
+        deviation = tf.square(x - mean)
     else:
         zeros = tf.zeros_like(x)
         mean = sum_over(tf.where(mask, x, zeros), axes) / divisor
-        deviation = tf.where(mask, tf.math.squared_difference(x, mean), zeros)
+        deviation = tf.where(mask, tf.square(x - mean), zeros)
     variance = sum_over(deviation, axes) / divisor
     if differentiable:
         return mean, variance, count  # the count never depends on x's values
