@@ -83,11 +83,15 @@ test-min: $(MIN_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo
 
-# Layers alone (results.md), whole models (results_models.md), first calls at
-# new shapes (results_first_calls.md); each writes its table under benchmarks/.
+# Layers alone (results.md), whole models with TensorFlow's default CPU
+# allocator (results_models.md) and with its BFC allocator, plain steps
+# (results_models_bfc.md), first calls at new shapes (results_first_calls.md);
+# each writes its table under benchmarks/.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.models
+	TF_CPU_ALLOCATOR_USE_BFC=true $(BIN)/python -m benchmarks.models --steps plain \
+		--output benchmarks/results_models_bfc.md
 	$(BIN)/python -m benchmarks.first_calls
 
 clean:
