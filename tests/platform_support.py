@@ -7,6 +7,10 @@
   `TF_ENABLE_ONEDNN_OPTS=1`). XLA runs channels-first convolutions on any CPU,
   so tests evaluate them inside `tf.function(jit_compile=True)` and run them
   as plain ops only in addition, where the machine can.
+- With oneDNN on, TensorFlow 2.21's `Conv2D` op on an empty batch returns the
+  input's shape instead of the output's ((0, 7, 6, 3) for 5 filters), so a
+  model with a convolution fails on an empty batch whatever its
+  normalization (Keras' own layer included).
 - `keras.layers.BatchNormalization` has `renorm` only from Keras 3.14.0.
 """
 
@@ -42,3 +46,10 @@ def runs_channels_first_conv():
     except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
         return False
     return True
+
+
+@functools.cache
+def conv_handles_empty_batch():
+    """Whether TensorFlow's Conv2D gives the right shape for an empty batch here."""
+    conv = tf.function(lambda x: tf.nn.conv2d(x, tf.ones([1, 1, 2, 3]), 1, "VALID"))
+    return tuple(conv(tf.zeros([0, 2, 2, 2])).shape) == (0, 2, 2, 3)

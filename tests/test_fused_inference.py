@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from platform_support import conv_handles_empty_batch
 from references import inference_reference
 
 FUSED_OP = "FusedBatchNormV3"
@@ -32,9 +33,11 @@ def graph_op_types(graph):
     return types
 
 
-def conv_model(normalization, activation, shape):
+def conv_model(normalization, activation, shape, conv=True):
     inputs = keras.Input(shape[1:])
-    y = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(inputs)
+    y = inputs
+    if conv:
+        y = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(y)
     y = normalization()(y)
     if activation is not None:
         y = keras.layers.Activation(activation)(y)
@@ -69,8 +72,12 @@ CASES = [
 @pytest.mark.parametrize("batch", [0, 1, 6])
 def test_predict_equals_keras_and_uses_the_fused_op(rng, layer, options, activation, batch):
     shape = (batch, 7, 6, 3)
+    # Where TensorFlow's Conv2D mishandles an empty batch (oneDNN), the
+    # normalization is checked on its own there.
+    conv = batch > 0 or conv_handles_empty_batch()
     keras_model = randomized(
-        conv_model(lambda: keras.layers.BatchNormalization(**options), activation, shape), rng
+        conv_model(lambda: keras.layers.BatchNormalization(**options), activation, shape, conv),
+        rng,
     )
     ours = kerasbn.convert(keras_model, batch_norm_to=layer, fuse_activations=True)
     assert any(isinstance(l, layer) and l.activation is not None for l in ours.layers) == (
@@ -79,7 +86,7 @@ def test_predict_equals_keras_and_uses_the_fused_op(rng, layer, options, activat
     x = rng.normal(1.0, 2.0, shape).astype("float32")
     want = keras_model.predict_on_batch(x)
     got = ours.predict_on_batch(x)
-    assert got.shape == want.shape == (batch, 7, 6, 5)
+    assert got.shape == want.shape == (batch, 7, 6, 5 if conv else 3)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert FUSED_OP in predict_graph_ops(ours, shape)
 
