@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from kerasbn.kernels.activations import activate
 from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.compile import built_for_xla, built_untaped, kernel
+from kerasbn.kernels.compile import built_untaped, kernel
 from kerasbn.kernels.moments import moments
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
@@ -139,7 +139,8 @@ def batch_norm_inference(
     (`_tensorflow_fused_inference_applies`).
     """
     if _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
-        return activate(_tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon), activation)
+        y = _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon)
+        return activate(y, activation)
     rank = x.shape.rank
     scale = tf.math.rsqrt(variance + epsilon)
     if gamma is not None:
@@ -161,15 +162,15 @@ def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
     """Whether inference runs as TensorFlow's `FusedBatchNormV3` op.
 
     In a graph that TensorFlow runs op by op (`predict` on a CPU, an export)
-    and no tape records (`compile.built_untaped`), for float32 NHWC inputs. It is one pass over `x`
-    where the multiply-add is two, and TensorFlow's graph optimizer (its
-    remapper) folds it, with a following relu, relu6, elu or leaky relu, into
-    a preceding `Conv2D` (`_FusedConv2D`): the normalization then costs no
-    pass of its own (measured in `benchmarks/models.py`).
+    and no tape records (`compile.built_untaped`, never set for XLA), for
+    float32 NHWC inputs. It is one pass over `x` where the multiply-add is
+    two, and TensorFlow's graph optimizer (its remapper) folds it, with a
+    following relu, relu6, elu or leaky relu, into a preceding `Conv2D`
+    (`_FusedConv2D`): the normalization then costs no pass of its own
+    (measured in `benchmarks/models.py`).
     """
     return (
-        not built_for_xla()
-        and built_untaped()
+        built_untaped()
         and x.dtype == tf.float32
         and x.shape.rank == 4
         and tuple(feature_axes) == (3,)
@@ -181,7 +182,7 @@ def _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon):
     """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0."""
     scale = tf.ones_like(mean) if gamma is None else gamma
     offset = tf.zeros_like(mean) if beta is None else beta
-    y = tf.raw_ops.FusedBatchNormV3(
+    return tf.raw_ops.FusedBatchNormV3(
         x=x,
         scale=scale,
         offset=offset,
@@ -192,4 +193,3 @@ def _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon):
         data_format="NHWC",
         is_training=False,
     )[0]
-    return y
