@@ -25,8 +25,9 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
 # numerics against Keras' layers, the exported, folded and golden SavedModels
 # (conv graphs, TFLite), recalibration and channels-first models (conv models run
-# as plain ops or through XLA), the benchmark smoke run (peak memory per
-# allocator) and the demo (conv model, trained and served).
+# as plain ops or through XLA), small BatchNorm training steps (TensorFlow's fused
+# op, oneDNN's kernel when on), the benchmark smoke run (peak memory per allocator)
+# and the demo (conv model, trained and served).
 # .ci/run runs the whole suite with oneDNN off and these again with it on.
 # Add a module here when its results can differ with the CPU's kernels.
 PLATFORM_TESTS := \
@@ -36,6 +37,7 @@ PLATFORM_TESTS := \
 	tests/test_export.py \
 	tests/test_fusion.py \
 	tests/test_fused_inference.py \
+	tests/test_fused_training.py \
 	tests/test_golden_savedmodels.py \
 	tests/test_recalibrate.py \
 	tests/test_channels_first.py \

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
+from graph_inspection import graph_op_types
 from platform_support import conv_handles_empty_batch
 from references import inference_reference
 
@@ -24,13 +25,6 @@ def predict_graph_ops(model, shape, dtype="float32", jit_compile=False):
     function = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
     graph = function.get_concrete_function(tf.TensorSpec((None,) + shape[1:], dtype)).graph
     return graph_op_types(graph)
-
-
-def graph_op_types(graph):
-    types = {op.type for op in graph.get_operations()}
-    for inner in graph.as_graph_def().library.function:
-        types |= {node.op for node in inner.node_def}
-    return types
 
 
 def conv_model(normalization, activation, shape, conv=True):

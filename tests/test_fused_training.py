@@ -1,0 +1,231 @@
+"""Training steps in graphs TensorFlow runs op by op: TensorFlow's FusedBatchNormV3.
+
+A `BatchNorm` training call on a small float32 NHWC input of a shape known
+while tracing runs inline in the caller's graph (`test_small_inputs.py`), as
+TensorFlow's `FusedBatchNormV3` op with its gradient `FusedBatchNormGradV3`.
+These tests check that the op is there exactly where it applies, and that
+outputs, gradients and moving statistics equal a float64 formula and Keras'
+layers (with the activation as a layer of its own) either way.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from graph_inspection import training_step_op_types
+from references import batch_norm_formula, moving_average_formula
+
+FUSED_OP = "FusedBatchNormV3"
+FUSED_GRADIENT_OP = "FusedBatchNormGradV3"
+MOMENTUM = 0.8
+
+
+def randomized(layer, shape, rng):
+    layer.build(shape)
+    for variable in layer.weights:
+        if "variance" in variable.path:
+            value = rng.uniform(0.3, 2.5, variable.shape)
+        else:
+            value = rng.normal(0.0, 1.0, variable.shape)
+        variable.assign(value.astype(variable.dtype))
+    return layer
+
+
+def training_step(layer, activation=None):
+    """A traced step: `(y, dx, [dγ, dβ])` of the loss `sum(y * w)`."""
+    apply = keras.activations.get(activation)
+
+    @tf.function
+    def step(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = apply(layer(x, training=True))
+            loss = tf.reduce_sum(y * w)
+        dx, *dweights = tape.gradient(loss, [x] + list(layer.trainable_weights))
+        return y, dx, dweights
+
+    return step
+
+
+def formula_step(x, w, gamma, beta, epsilon, activation):
+    """The same step in float64 TensorFlow ops: `(y, dx, dγ, dβ, mean, variance)`."""
+    x, w = tf.constant(x, tf.float64), tf.constant(w, tf.float64)
+    gamma, beta = tf.constant(gamma, tf.float64), tf.constant(beta, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        z, mean, variance, _ = batch_norm_formula(x, gamma, beta, epsilon, -1)
+        y = keras.activations.get(activation)(z)
+        loss = tf.reduce_sum(y * w)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
+    return [t.numpy() for t in (y, dx, dgamma, dbeta, mean, variance)]
+
+
+FUSED_CASES = [
+    # options, activation, shape
+    ({}, None, (6, 7, 5, 3)),
+    ({}, "relu", (6, 7, 5, 3)),
+    ({}, "relu6", (4, 3, 3, 8)),
+    ({}, "silu", (4, 3, 3, 8)),
+    ({}, "gelu", (4, 3, 3, 8)),
+    ({}, "leaky_relu", (4, 3, 3, 8)),
+    ({"center": False}, "relu", (6, 7, 5, 3)),
+    ({"scale": False}, None, (6, 7, 5, 3)),
+    ({"center": False, "scale": False}, None, (6, 7, 5, 3)),
+    ({"epsilon": 1.001e-5}, None, (6, 7, 5, 3)),
+    ({}, None, (2, 1, 1, 5)),  # two elements per feature: the unbiased variance is twice the biased
+    ({}, None, (1, 1, 2, 5)),
+]
+
+
+@pytest.mark.parametrize("options,activation,shape", FUSED_CASES)
+def test_training_step_equals_the_float64_formula_and_uses_the_fused_op(
+    rng, options, activation, shape
+):
+    layer = randomized(kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation, **options), shape, rng)
+    types = training_step_op_types(layer, shape)
+    assert {FUSED_OP, FUSED_GRADIENT_OP} <= types, types
+    gamma = layer.gamma.numpy() if layer.scale else np.ones(shape[-1])
+    beta = layer.beta.numpy() if layer.center else np.zeros(shape[-1])
+    moving_mean, moving_variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    x = rng.normal(1.5, 2.0, shape).astype("float32")
+    w = rng.normal(size=shape).astype("float32")
+    y, dx, dweights = training_step(layer)(tf.constant(x), tf.constant(w))
+    want_y, want_dx, want_dgamma, want_dbeta, mean, variance = formula_step(
+        x, w, gamma, beta, layer.epsilon, activation
+    )
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.numpy(), want_dx, rtol=1e-3, atol=1e-3)
+    want_dweights = ([want_dgamma] if layer.scale else []) + ([want_dbeta] if layer.center else [])
+    for got, want in zip(dweights, want_dweights, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
+    # Keras' rule with the biased batch variance (TensorFlow's op returns the
+    # unbiased one: with two elements per feature, twice as large).
+    count = np.full(shape[-1], np.prod(shape[:-1]), np.float64)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(),
+        moving_average_formula(moving_mean, mean, MOMENTUM, count).numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(),
+        moving_average_formula(moving_variance, variance, MOMENTUM, count).numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("activation", [None, "relu6", "hard_silu", "sigmoid"])
+def test_three_training_steps_equal_keras_layers(rng, activation):
+    shape = (8, 5, 5, 6)
+    ours = randomized(kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation), shape, rng)
+    theirs = keras.layers.BatchNormalization(momentum=MOMENTUM)
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    ours_step, theirs_step = training_step(ours), training_step(theirs, activation)
+    for _ in range(3):
+        x = tf.constant(rng.normal(-1.0, 3.0, shape).astype("float32"))
+        w = tf.constant(rng.normal(size=shape).astype("float32"))
+        got, want = ours_step(x, w), theirs_step(x, w)
+        for mine, keras_value in zip(tf.nest.flatten(got), tf.nest.flatten(want), strict=True):
+            np.testing.assert_allclose(mine.numpy(), keras_value.numpy(), rtol=1e-4, atol=1e-4)
+    for mine, keras_value in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        np.testing.assert_allclose(mine, keras_value, rtol=1e-5, atol=1e-6)
+
+
+def test_variance_stays_accurate_at_a_large_mean(rng):
+    # TensorFlow's op takes the variance in two passes, as our kernels: at mean
+    # 1e4 and unit spread a one-pass E[x²] - E[x]² would lose every digit.
+    shape = (16, 4, 4, 8)
+    x = rng.normal(1e4, 1.0, shape).astype("float32")
+    layer = kerasbn.BatchNorm(momentum=0.0)
+    layer.build(shape)
+    assert FUSED_OP in training_step_op_types(layer, shape)
+    y, _, _ = training_step(layer)(tf.constant(x), tf.ones(shape))
+    want_y, _, _, _, mean, variance = formula_step(
+        x, np.ones(shape), np.ones(8), np.zeros(8), layer.epsilon, None
+    )
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-3)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(y.numpy(), want_y, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    "make,shape,dtype,why",
+    [
+        (lambda: kerasbn.BatchNorm(), (1, 1, 1, 3), "float32", "one element per feature"),
+        (lambda: kerasbn.BatchNorm(epsilon=1e-6), (2, 4, 4, 3), "float32", "epsilon below cuDNN's"),
+        (lambda: kerasbn.BatchNorm(axis=1), (2, 3, 4, 4), "float32", "channels first"),
+        (lambda: kerasbn.BatchNorm(), (6, 12), "float32", "rank 2"),
+        (lambda: kerasbn.BatchNorm(), (2, 4, 4, 3), "float64", "float64 input"),
+        (lambda: kerasbn.BatchNorm(dtype="float64"), (2, 4, 4, 3), "float32", "float64 layer"),
+        (lambda: kerasbn.BatchNorm(), (None, 4, 4, 3), "float32", "batch unknown while tracing"),
+        (lambda: kerasbn.BatchRenorm(), (2, 4, 4, 3), "float32", "batch renormalization"),
+        (lambda: kerasbn.BatchNorm(virtual_batch_size=2), (4, 4, 4, 3), "float32", "ghost batches"),
+        (lambda: kerasbn.BatchNorm(), (16, 8, 8, 1024), "float32", "XLA-sized input"),
+    ],
+)
+def test_other_training_calls_keep_our_kernels(make, shape, dtype, why):
+    layer = make()
+    layer.build(shape)
+    types = training_step_op_types(layer, shape, dtype)
+    assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, why
+
+
+def test_an_xla_compiled_step_keeps_our_kernels():
+    layer = kerasbn.BatchNorm()
+    layer.build((4, 3, 3, 2))
+    types = training_step_op_types(layer, (4, 3, 3, 2), jit_compile=True)
+    assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, types
+
+
+def test_masked_training_keeps_our_kernels_and_equals_the_formula(rng):
+    shape = (4, 3, 5, 2)
+    layer = kerasbn.BatchNorm(momentum=0.0)
+    layer.build(shape)
+    x = rng.normal(size=shape).astype("float32")
+    mask = rng.uniform(size=shape[:-1]) > 0.3
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, mask=tf.constant(mask))
+        return y, tape.gradient(tf.reduce_sum(y * y), x)
+
+    graph = step.get_concrete_function(tf.TensorSpec(shape)).graph
+    assert FUSED_OP not in {op.type for op in graph.get_operations()}
+    y, _ = step(tf.constant(x))
+    want, _, _, _ = batch_norm_formula(
+        tf.constant(x, tf.float64), tf.ones(2, tf.float64), tf.zeros(2, tf.float64), 1e-3, -1, mask
+    )
+    np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gradient_of_the_gradient_equals_keras(rng):
+    """A gradient penalty on a fused-op shape: exact through our differentiable kernels."""
+    shape = (4, 3, 3, 2)
+    ours = randomized(kerasbn.BatchNorm(), shape, rng)
+    theirs = keras.layers.BatchNormalization()
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+    w = tf.constant(rng.normal(size=shape).astype("float32"))
+
+    def penalty_gradient(layer):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    loss = tf.reduce_sum(layer(x, training=True) * w)
+                penalty = tf.reduce_sum(tf.square(inner.gradient(loss, x)))
+            return outer.gradient(penalty, [x, layer.gamma])
+
+        return [g.numpy() for g in step(x)]
+
+    for got, want in zip(penalty_gradient(ours), penalty_gradient(theirs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
