@@ -16,6 +16,8 @@ or `python -m benchmarks.platform_info`.
 import os
 import platform
 
+from kerasbn.kernels import tf_internals
+
 # /proc/cpuinfo flags that decide which kernels TensorFlow, oneDNN and XLA use.
 RELEVANT_FLAG_PREFIXES = ("avx", "fma", "f16c", "amx")
 
@@ -37,18 +39,9 @@ def cpu_flags():
 
 
 def onednn_enabled():
-    """True/False as TensorFlow decided at start-up, None if it cannot be told.
-
-    TensorFlow prints "oneDNN custom operations are on" at start-up when it is;
-    this asks the same function (`IsMklEnabled`, private to TensorFlow, so a
-    missing one gives None rather than an error).
-    """
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    check = getattr(_pywrap_util_port, "IsMklEnabled", None)
-    return None if check is None else bool(check())
+    """True/False as TensorFlow decided at start-up, None if it cannot be told
+    (`kerasbn.kernels.tf_internals.onednn_enabled`)."""
+    return tf_internals.onednn_enabled()
 
 
 def bfc_allocator():

@@ -8,12 +8,16 @@ outputs, gradients and moving statistics equal a float64 formula and Keras'
 layers (with the activation as a layer of its own) either way.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import kerasbn
+from kerasbn import kernels
+from kerasbn.kernels import tf_internals
 from graph_inspection import training_step_op_types
 from references import batch_norm_formula, moving_average_formula
 
@@ -83,7 +87,8 @@ FUSED_CASES = [
 def test_training_step_equals_the_float64_formula_and_uses_the_fused_op(
     rng, options, activation, shape
 ):
-    layer = randomized(kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation, **options), shape, rng)
+    layer = kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation, **options)
+    layer = randomized(layer, shape, rng)
     types = training_step_op_types(layer, shape)
     assert {FUSED_OP, FUSED_GRADIENT_OP} <= types, types
     gamma = layer.gamma.numpy() if layer.scale else np.ones(shape[-1])
@@ -164,7 +169,6 @@ def test_variance_stays_accurate_at_a_large_mean(rng):
         (lambda: kerasbn.BatchNorm(), (None, 4, 4, 3), "float32", "batch unknown while tracing"),
         (lambda: kerasbn.BatchRenorm(), (2, 4, 4, 3), "float32", "batch renormalization"),
         (lambda: kerasbn.BatchNorm(virtual_batch_size=2), (4, 4, 4, 3), "float32", "ghost batches"),
-        (lambda: kerasbn.BatchNorm(), (16, 8, 8, 1024), "float32", "XLA-sized input"),
     ],
 )
 def test_other_training_calls_keep_our_kernels(make, shape, dtype, why):
@@ -172,6 +176,25 @@ def test_other_training_calls_keep_our_kernels(make, shape, dtype, why):
     layer.build(shape)
     types = training_step_op_types(layer, shape, dtype)
     assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, why
+
+
+def test_a_large_input_is_the_fused_op_only_under_onednn():
+    """From `min_elements` on, our XLA programs, except with oneDNN on, where
+    oneDNN's fused kernel trained whole models faster."""
+    shape = (16, 8, 8, 1024)  # 2^20 elements: the default min_elements
+    layer = kerasbn.BatchNorm()
+    layer.build(shape)
+    types = training_step_op_types(layer, shape)
+    onednn = tf_internals.onednn_enabled()
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if setting in ("0", "1"):
+        assert onednn is (setting == "1")
+    assert (FUSED_OP in types) is bool(onednn), types
+    assert any("PartitionedCall" in t for t in types) is not bool(onednn), types
+    with kernels.xla_policy(min_elements=1 << 30):  # small again: inline either way
+        layer = kerasbn.BatchNorm()
+        layer.build(shape)
+        assert FUSED_OP in training_step_op_types(layer, shape)
 
 
 def test_an_xla_compiled_step_keeps_our_kernels():

@@ -5,12 +5,15 @@ References for the fallback: Keras' own layers (plain autodiff, exact to any
 order).
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import kerasbn
+from graph_inspection import training_step_op_types
 from kerasbn.kernels import tf_internals
 
 
@@ -69,10 +72,37 @@ def test_in_xla_context_only_inside_a_jit_compiled_function():
     assert seen == {"eager": False, "graph": False, "xla": True, "nested": True}
 
 
+def test_onednn_enabled_follows_tensorflows_setting():
+    # TF_ENABLE_ONEDNN_OPTS, when set, decides; unset, TensorFlow decides by
+    # the CPU (on with AVX-512), as its start-up message says.
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    enabled = tf_internals.onednn_enabled()
+    assert enabled in (True, False)
+    if setting in ("0", "1"):
+        assert enabled is (setting == "1")
+
+
+def test_onednn_unknown_keeps_the_xla_programs_for_large_inputs(monkeypatch):
+    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", None)
+    assert tf_internals.onednn_enabled() is None
+    shape = (16, 8, 8, 1024)  # 2^20 elements: the default min_elements
+    layer = kerasbn.BatchNorm()
+    layer.build(shape)
+    types = training_step_op_types(layer, shape)
+    assert any("PartitionedCall" in t for t in types), types
+    assert "FusedBatchNormV3" not in types, types
+
+
 @pytest.fixture
 def without_private_apis(monkeypatch):
     """As on a TensorFlow release where none of the private APIs exist."""
-    for name in ("_PACK_TANGENTS", "_SHOULD_RECORD", "_POSSIBLE_TYPES", "_IN_XLA_CONTEXT"):
+    for name in (
+        "_PACK_TANGENTS",
+        "_SHOULD_RECORD",
+        "_POSSIBLE_TYPES",
+        "_IN_XLA_CONTEXT",
+        "_IS_MKL_ENABLED",
+    ):
         monkeypatch.setattr(tf_internals, name, None)
 
 

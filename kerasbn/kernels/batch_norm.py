@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate
 from kerasbn.kernels.axes import broadcast_shape, mask_to_broadcast, reduction_axes, to_broadcast
 from kerasbn.kernels.compile import (
@@ -57,7 +58,40 @@ def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
     return gamma, beta
 
 
-@kernel
+def _fused_training_input(x, feature_axes, epsilon, mask):
+    """Whether TensorFlow's `FusedBatchNormV3` can take this training call.
+
+    Float32 NHWC inputs without a mask, of a shape known while tracing with at
+    least two elements per feature (the op returns the Bessel-corrected
+    variance, undone with the count), epsilon at least cuDNN's minimum.
+    """
+    if mask is not None or epsilon < _FUSED_MIN_EPSILON:
+        return False
+    if not (x.dtype == tf.float32 and x.shape.rank == 4 and tuple(feature_axes) == (3,)):
+        return False
+    if not x.shape.is_fully_defined() or not x.shape[3]:
+        return False
+    return x.shape.num_elements() // x.shape[3] >= 2
+
+
+def _inline_under_onednn(x, *args, mask=None, epsilon, feature_axes, **kwargs):
+    """`Kernel`'s `inline_when`: with oneDNN on, every input the fused op takes.
+
+    oneDNN's batch-norm kernel beat our XLA programs in whole models too
+    (2-core AVX-512 CPU, Keras ÷ ours, interleaved, inputs from 2^20 elements
+    on the XLA programs / inline: MobileNetV2 1.26 / 1.46, EfficientNetB0
+    1.16 / 1.18); with oneDNN off the XLA programs stay (MobileNetV2 1.19 /
+    1.02, EfficientNetB0 1.29 / 1.06).
+    """
+    del kwargs
+    if mask is None and len(args) > 4:  # given by position
+        mask = args[4]
+    return tf_internals.onednn_enabled() is True and _fused_training_input(
+        x, feature_axes, epsilon, mask
+    )
+
+
+@kernel(inline_when=_inline_under_onednn)
 def batch_norm_train(
     x,
     gamma,
@@ -199,25 +233,20 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
 
     In a graph TensorFlow runs op by op (not built for XLA, where our own
     kernel fuses with its neighbours), with the hand-derived first-order
-    gradient wanted (not `differentiable_statistics()`), for float32 NHWC
-    inputs without a mask, of a shape known while tracing with at least two
-    elements per feature (TensorFlow returns the Bessel-corrected variance,
-    undone here with the count). There the op is one kernel each way where
-    our ops are a dozen passes over memory. Measured on a 2-core AVX-512 CPU:
-    with oneDNN on (TensorFlow's default on CPUs with AVX-512) a layer's
-    training step took 0.55-0.65 of ours at MobileNetV2's shapes, and whole
-    models trained 5-15% faster; with oneDNN off it ties
+    gradient wanted (not `differentiable_statistics()`), for the inputs
+    `_fused_training_input` accepts. There the op is one kernel each way
+    where our ops are a dozen passes over memory. Measured on a 2-core
+    AVX-512 CPU, whole models, Keras ÷ ours with fused activations, one
+    process, interleaved: with oneDNN on (TensorFlow's default on CPUs with
+    AVX-512) MobileNetV2 1.25 -> 1.41, EfficientNetB0 1.15 -> 1.21, ResNet50
+    1.08 -> 1.13, DenseNet121 1.02 -> 1.17; with oneDNN off it ties
     (docs/benchmarks.md). Its variance is two-pass, as ours (`moments`): at
     mean 1e4 and unit variance, relative error 7e-7 with oneDNN off and 4e-6
     with it on, against 8e-7 for ours (float64 reference).
     """
-    if built_for_xla() or statistics_are_differentiable() or mask is not None:
+    if built_for_xla() or statistics_are_differentiable():
         return False
-    if not (x.dtype == tf.float32 and x.shape.rank == 4 and tuple(feature_axes) == (3,)):
-        return False
-    if not x.shape.is_fully_defined() or not x.shape[3] or epsilon < _FUSED_MIN_EPSILON:
-        return False
-    return x.shape.num_elements() // x.shape[3] >= 2
+    return _fused_training_input(x, feature_axes, epsilon, mask)
 
 
 def _tensorflow_fused_training(x, gamma, beta, epsilon):

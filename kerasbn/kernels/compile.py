@@ -444,15 +444,17 @@ class Kernel:
       pass): nothing is compiled for the shapes inference sees;
     - for a training call on an input known while tracing to be smaller than
       the policy's `min_elements`, plain ops inline in the caller's graph (no
-      program call: its fixed cost is most of the time at that size);
+      program call: its fixed cost is most of the time at that size), and at
+      any size where the kernel's `inline_when` says so;
     - for other training calls (a gradient tape records them), the XLA
       programs for input shapes that recur and the plain graph for the
       others, decided at run time per call (`warmup.ShapeUse`).
     """
 
-    def __init__(self, fn, per_layer_ints=()):
+    def __init__(self, fn, per_layer_ints=(), inline_when=None):
         self.fn = fn
         self._per_layer_ints = tuple(per_layer_ints)
+        self._inline_when = inline_when
         self.xla = _Programs(fn, jit_compile=True)
         self.plain = _Programs(fn, jit_compile=False)
         # Plain programs built for the enclosing XLA-compiled caller.
@@ -560,16 +562,19 @@ class Kernel:
         if tf_internals.in_xla_context():
             return self.nested
         x = args[0]
-        small = (
-            x.shape.is_fully_defined()
-            and x.shape.num_elements() < warmup.get_xla_policy()["min_elements"]
+        static = x.shape.is_fully_defined()
+        small = static and x.shape.num_elements() < warmup.get_xla_policy()["min_elements"]
+        # Inline at any size where the kernel says its plain ops beat XLA
+        # (`inline_when`: BatchNorm as TensorFlow's fused op under oneDNN).
+        inline = small or (
+            static and self._inline_when is not None and self._inline_when(*args, **kwargs)
         )
         # Not under a distribution strategy: there the replicas' graphs are
         # built side by side in one graph with different static shapes, and
         # TensorFlow's graph optimizer rewrote inline ghost-batch ops wrongly
         # (MirroredStrategy, replicas of 6 and 10 masked examples: a reshape
         # of 120 values to 4); the programs, traced with relaxed shapes, work.
-        if small and not tf.executing_eagerly() and not tf.distribute.has_strategy():
+        if inline and not tf.executing_eagerly() and not tf.distribute.has_strategy():
             return self.inline
         if small or not jit_compile or not xla_allowed():
             return self.plain
@@ -648,13 +653,16 @@ class Kernel:
         )
 
 
-def kernel(fn=None, *, per_layer_ints=()):
+def kernel(fn=None, *, per_layer_ints=(), inline_when=None):
     """Decorator: make `fn` a `Kernel`.
 
     `per_layer_ints`: names of int keyword arguments that differ between the
     layers of one model but not in the ops they make (a group count): the
     programs take them as tensors, so one trace serves every value.
+    `inline_when`: None, or a predicate called with a training call's
+    arguments (input shape known while tracing): True runs that call inline
+    as for a small input, whatever its size, instead of the XLA programs.
     """
     if fn is None:
-        return lambda fn: Kernel(fn, per_layer_ints)
-    return Kernel(fn, per_layer_ints)
+        return lambda fn: Kernel(fn, per_layer_ints, inline_when)
+    return Kernel(fn, per_layer_ints, inline_when)

@@ -14,6 +14,9 @@ function has a fallback that keeps results exact when its API is gone:
 - `in_xla_context()`: whether the op being built will be compiled by XLA as
   part of an outer `tf.function(jit_compile=True)`
   (`control_flow_util.GraphOrParentsInXlaContext`). Fallback: False.
+- `onednn_enabled()`: whether TensorFlow runs oneDNN's CPU kernels
+  (`_pywrap_util_port.IsMklEnabled`, what TensorFlow's start-up message
+  reports). Fallback: None (unknown), which the kernels treat as off.
 
 With the fallbacks, the kernels take their exact but slower path: TensorFlow's
 autodiff of the plain formula instead of the hand-derived gradient
@@ -59,6 +62,12 @@ def _xla_context():
     return control_flow_util.GraphOrParentsInXlaContext
 
 
+def _is_mkl_enabled():
+    from tensorflow.python.util import _pywrap_util_port
+
+    return _pywrap_util_port.IsMklEnabled
+
+
 _PACK_TANGENTS = _load("tensorflow.python.eager.forwardprop_util.pack_tangents", _pack_tangents)
 _SHOULD_RECORD = _load("tensorflow.python.eager.record.should_record_backprop", _should_record_backprop)
 _POSSIBLE_TYPES = _load(
@@ -67,6 +76,7 @@ _POSSIBLE_TYPES = _load(
 _IN_XLA_CONTEXT = _load(
     "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext", _xla_context
 )
+_IS_MKL_ENABLED = _load("tensorflow.python.util._pywrap_util_port.IsMklEnabled", _is_mkl_enabled)
 
 
 def forward_accumulator_watches(tensors):
@@ -105,3 +115,12 @@ def in_xla_context():
     if _IN_XLA_CONTEXT is None or tf.executing_eagerly():
         return False
     return bool(_IN_XLA_CONTEXT(tf.compat.v1.get_default_graph()))
+
+
+def onednn_enabled():
+    """True/False as TensorFlow decided at start-up whether to run oneDNN's CPU
+    kernels (on by default on CPUs with AVX-512, `TF_ENABLE_ONEDNN_OPTS`
+    overrides); None when that cannot be told."""
+    if _IS_MKL_ENABLED is None:
+        return None
+    return bool(_IS_MKL_ENABLED())
