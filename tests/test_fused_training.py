@@ -1,11 +1,13 @@
-"""Training steps in graphs TensorFlow runs op by op: TensorFlow's FusedBatchNormV3.
+"""Training steps under oneDNN: TensorFlow's FusedBatchNormV3.
 
-A `BatchNorm` training call on a small float32 NHWC input of a shape known
-while tracing runs inline in the caller's graph (`test_small_inputs.py`), as
-TensorFlow's `FusedBatchNormV3` op with its gradient `FusedBatchNormGradV3`.
-These tests check that the op is there exactly where it applies, and that
-outputs, gradients and moving statistics equal a float64 formula and Keras'
-layers (with the activation as a layer of its own) either way.
+With oneDNN on, a `BatchNorm` training call on a float32 NHWC input of a shape
+known while tracing runs inline in the caller's graph, as TensorFlow's
+`FusedBatchNormV3` op with its gradient `FusedBatchNormGradV3`. These tests
+check that the op is there exactly where it applies, and that outputs,
+gradients and moving statistics equal a float64 formula and Keras' layers
+(with the activation as a layer of its own) either way. The value tests take
+that path whatever TensorFlow's setting (`onednn_reported_on`): with oneDNN
+off the op is TensorFlow's own kernel, with it on oneDNN's.
 """
 
 import os
@@ -24,6 +26,12 @@ from references import batch_norm_formula, moving_average_formula
 FUSED_OP = "FusedBatchNormV3"
 FUSED_GRADIENT_OP = "FusedBatchNormGradV3"
 MOMENTUM = 0.8
+
+
+@pytest.fixture
+def onednn_reported_on(monkeypatch):
+    """Kernels traced in the test take the oneDNN path (the op runs either way)."""
+    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", lambda: True)
 
 
 def randomized(layer, shape, rng):
@@ -85,7 +93,7 @@ FUSED_CASES = [
 
 @pytest.mark.parametrize("options,activation,shape", FUSED_CASES)
 def test_training_step_equals_the_float64_formula_and_uses_the_fused_op(
-    rng, options, activation, shape
+    onednn_reported_on, rng, options, activation, shape
 ):
     layer = kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation, **options)
     layer = randomized(layer, shape, rng)
@@ -123,7 +131,7 @@ def test_training_step_equals_the_float64_formula_and_uses_the_fused_op(
 
 
 @pytest.mark.parametrize("activation", [None, "relu6", "hard_silu", "sigmoid"])
-def test_three_training_steps_equal_keras_layers(rng, activation):
+def test_three_training_steps_equal_keras_layers(onednn_reported_on, rng, activation):
     shape = (8, 5, 5, 6)
     ours = randomized(kerasbn.BatchNorm(momentum=MOMENTUM, activation=activation), shape, rng)
     theirs = keras.layers.BatchNormalization(momentum=MOMENTUM)
@@ -140,7 +148,7 @@ def test_three_training_steps_equal_keras_layers(rng, activation):
         np.testing.assert_allclose(mine, keras_value, rtol=1e-5, atol=1e-6)
 
 
-def test_variance_stays_accurate_at_a_large_mean(rng):
+def test_variance_stays_accurate_at_a_large_mean(onednn_reported_on, rng):
     # TensorFlow's op takes the variance in two passes, as our kernels: at mean
     # 1e4 and unit spread a one-pass E[x²] - E[x]² would lose every digit.
     shape = (16, 4, 4, 8)
@@ -171,40 +179,39 @@ def test_variance_stays_accurate_at_a_large_mean(rng):
         (lambda: kerasbn.BatchNorm(virtual_batch_size=2), (4, 4, 4, 3), "float32", "ghost batches"),
     ],
 )
-def test_other_training_calls_keep_our_kernels(make, shape, dtype, why):
+def test_other_training_calls_keep_our_kernels(onednn_reported_on, make, shape, dtype, why):
     layer = make()
     layer.build(shape)
     types = training_step_op_types(layer, shape, dtype)
     assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, why
 
 
-def test_a_large_input_is_the_fused_op_only_under_onednn():
-    """From `min_elements` on, our XLA programs, except with oneDNN on, where
-    oneDNN's fused kernel trained whole models faster."""
-    shape = (16, 8, 8, 1024)  # 2^20 elements: the default min_elements
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (16, 8, 8, 1024)])
+def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
+    """TensorFlow's setting decides: oneDNN's kernel trained whole models
+    faster, at every size; TensorFlow's own kernel, with oneDNN off, did not.
+    Off, a small input keeps our inline ops and one of 2^20 elements (the
+    default `min_elements`) our XLA programs."""
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    onednn = tf_internals.onednn_enabled()
+    if setting in ("0", "1"):
+        assert onednn is (setting == "1")
     layer = kerasbn.BatchNorm()
     layer.build(shape)
     types = training_step_op_types(layer, shape)
-    onednn = tf_internals.onednn_enabled()
-    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    if setting in ("0", "1"):
-        assert onednn is (setting == "1")
     assert (FUSED_OP in types) is bool(onednn), types
-    assert any("PartitionedCall" in t for t in types) is not bool(onednn), types
-    with kernels.xla_policy(min_elements=1 << 30):  # small again: inline either way
-        layer = kerasbn.BatchNorm()
-        layer.build(shape)
-        assert FUSED_OP in training_step_op_types(layer, shape)
+    large = bool(np.prod(shape) >= kernels.get_xla_policy()["min_elements"])
+    assert any("PartitionedCall" in t for t in types) is (large and not onednn), types
 
 
-def test_an_xla_compiled_step_keeps_our_kernels():
+def test_an_xla_compiled_step_keeps_our_kernels(onednn_reported_on):
     layer = kerasbn.BatchNorm()
     layer.build((4, 3, 3, 2))
     types = training_step_op_types(layer, (4, 3, 3, 2), jit_compile=True)
     assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, types
 
 
-def test_masked_training_keeps_our_kernels_and_equals_the_formula(rng):
+def test_masked_training_keeps_our_kernels_and_equals_the_formula(onednn_reported_on, rng):
     shape = (4, 3, 5, 2)
     layer = kerasbn.BatchNorm(momentum=0.0)
     layer.build(shape)
@@ -227,7 +234,7 @@ def test_masked_training_keeps_our_kernels_and_equals_the_formula(rng):
     np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_a_gradient_of_the_gradient_equals_keras(rng):
+def test_a_gradient_of_the_gradient_equals_keras(onednn_reported_on, rng):
     """A gradient penalty on a fused-op shape: exact through our differentiable kernels."""
     shape = (4, 3, 3, 2)
     ours = randomized(kerasbn.BatchNorm(), shape, rng)

@@ -124,9 +124,9 @@ def batch_norm_train(
       and are returned unchanged for a feature whose batch had no element or a
       non-finite statistic.
 
-    Built for a graph TensorFlow runs op by op with a static float32 NHWC
-    input (the inline training ops of a small input, `compile.Kernel`), the
-    step is TensorFlow's `FusedBatchNormV3` op and its gradient instead
+    With oneDNN on, built for a graph TensorFlow runs op by op with a static
+    float32 NHWC input (inline training ops, `compile.Kernel`), the step is
+    TensorFlow's `FusedBatchNormV3` op and its gradient instead
     (`_tensorflow_fused_training_applies`).
     """
     if _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
@@ -231,20 +231,24 @@ def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
 def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     """Whether a training step runs as TensorFlow's `FusedBatchNormV3` op.
 
-    In a graph TensorFlow runs op by op (not built for XLA, where our own
-    kernel fuses with its neighbours), with the hand-derived first-order
-    gradient wanted (not `differentiable_statistics()`), for the inputs
-    `_fused_training_input` accepts. There the op is one kernel each way
-    where our ops are a dozen passes over memory. Measured on a 2-core
-    AVX-512 CPU, whole models, Keras ÷ ours with fused activations, one
-    process, interleaved: with oneDNN on (TensorFlow's default on CPUs with
-    AVX-512) MobileNetV2 1.25 -> 1.41, EfficientNetB0 1.15 -> 1.21, ResNet50
-    1.08 -> 1.13, DenseNet121 1.02 -> 1.17; with oneDNN off it ties
-    (docs/benchmarks.md). Its variance is two-pass, as ours (`moments`): at
-    mean 1e4 and unit variance, relative error 7e-7 with oneDNN off and 4e-6
-    with it on, against 8e-7 for ours (float64 reference).
+    With oneDNN on (TensorFlow's default on CPUs with AVX-512), in a graph
+    TensorFlow runs op by op (not built for XLA, where our own kernel fuses
+    with its neighbours), with the hand-derived first-order gradient wanted
+    (not `differentiable_statistics()`), for the inputs
+    `_fused_training_input` accepts. There oneDNN's kernel is one pass each
+    way where our ops are a dozen. Measured on a 2-core AVX-512 CPU, whole
+    models, Keras ÷ ours with fused activations, one process, interleaved:
+    MobileNetV2 1.25 -> 1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 ->
+    1.13, DenseNet121 1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel
+    was faster per layer but not in whole models (5 of 6 model and variant
+    pairs 1-7% slower, within noise), so our ops stay (docs/benchmarks.md).
+    Its variance is two-pass, as ours (`moments`): at mean 1e4 and unit
+    variance, relative error 4e-6 with oneDNN (7e-7 without), against 8e-7
+    for ours (float64 reference).
     """
     if built_for_xla() or statistics_are_differentiable():
+        return False
+    if tf_internals.onednn_enabled() is not True:
         return False
     return _fused_training_input(x, feature_axes, epsilon, mask)
 
