@@ -86,14 +86,18 @@ demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo
 
 # Layers alone (results.md), whole models with TensorFlow's default CPU
-# allocator (results_models.md) and with its BFC allocator, plain steps
-# (results_models_bfc.md), first calls at new shapes (results_first_calls.md);
+# settings (results_models.md), with its BFC allocator, plain steps
+# (results_models_bfc.md), and with oneDNN off, plain steps
+# (results_models_onednn_off.md; on CPUs without AVX-512 that is the default),
+# first calls at new shapes (results_first_calls.md);
 # each writes its table under benchmarks/.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.models
 	TF_CPU_ALLOCATOR_USE_BFC=true $(BIN)/python -m benchmarks.models --steps plain \
 		--output benchmarks/results_models_bfc.md
+	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m benchmarks.models --steps plain \
+		--output benchmarks/results_models_onednn_off.md
 	$(BIN)/python -m benchmarks.first_calls
 
 clean:
