@@ -20,7 +20,8 @@ export KERAS_BACKEND := tensorflow
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 # The modules whose results depend on which CPU kernels TensorFlow runs. oneDNN
-# (TF_ENABLE_ONEDNN_OPTS=1; on by default only on CPUs with AVX-512) replaces
+# (TF_ENABLE_ONEDNN_OPTS=1; on by default on x86 CPUs with AVX512-VNNI/BF16, AVX-VNNI
+# or AMX) replaces
 # TensorFlow's convolution, matmul and batch-norm kernels, lets Conv2D take
 # channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
 # numerics against Keras' layers, the exported, folded and golden SavedModels
@@ -40,6 +41,7 @@ PLATFORM_TESTS := \
 	tests/test_fused_training.py \
 	tests/test_golden_savedmodels.py \
 	tests/test_recalibrate.py \
+	tests/test_small_inputs.py \
 	tests/test_channels_first.py \
 	tests/test_benchmarks_smoke.py \
 	tests/test_demo.py
@@ -86,16 +88,16 @@ demo: $(STAMP)
 	$(BIN)/python -m kerasbn.demo
 
 # Layers alone (results.md), whole models with TensorFlow's default CPU
-# settings (results_models.md), with its BFC allocator, plain steps
-# (results_models_bfc.md), and with oneDNN off, plain steps
-# (results_models_onednn_off.md; on CPUs without AVX-512 that is the default),
-# first calls at new shapes (results_first_calls.md);
+# settings (results_models.md), and plain steps with oneDNN off (the default on
+# CPUs without AVX512-VNNI/BF16), with TensorFlow's default CPU allocator
+# (results_models_onednn_off.md) and with its BFC allocator, which oneDNN
+# uses anyway (results_models_bfc.md), first calls at new shapes (results_first_calls.md);
 # each writes its table under benchmarks/.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.models
-	TF_CPU_ALLOCATOR_USE_BFC=true $(BIN)/python -m benchmarks.models --steps plain \
-		--output benchmarks/results_models_bfc.md
+	TF_ENABLE_ONEDNN_OPTS=0 TF_CPU_ALLOCATOR_USE_BFC=true $(BIN)/python -m benchmarks.models \
+		--steps plain --output benchmarks/results_models_bfc.md
 	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m benchmarks.models --steps plain \
 		--output benchmarks/results_models_onednn_off.md
 	$(BIN)/python -m benchmarks.first_calls

@@ -16,8 +16,6 @@ or `python -m benchmarks.platform_info`.
 import os
 import platform
 
-from kerasbn.kernels import tf_internals
-
 # /proc/cpuinfo flags that decide which kernels TensorFlow, oneDNN and XLA use.
 RELEVANT_FLAG_PREFIXES = ("avx", "fma", "f16c", "amx")
 
@@ -40,7 +38,10 @@ def cpu_flags():
 
 def onednn_enabled():
     """True/False as TensorFlow decided at start-up, None if it cannot be told
-    (`kerasbn.kernels.tf_internals.onednn_enabled`)."""
+    (`kerasbn.kernels.tf_internals.onednn_enabled`). Imports TensorFlow: call
+    it after setting TensorFlow's environment variables."""
+    from kerasbn.kernels import tf_internals
+
     return tf_internals.onednn_enabled()
 
 

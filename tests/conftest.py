@@ -27,3 +27,13 @@ def _reset_keras_state():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def onednn_reported_off(monkeypatch):
+    """Kernels traced in the test take the path for oneDNN off: our own ops and
+    XLA programs for every BatchNorm (with oneDNN on, float32 NHWC training
+    calls of a static shape are TensorFlow's fused op, `test_fused_training.py`)."""
+    from kerasbn.kernels import tf_internals
+
+    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", lambda: False)

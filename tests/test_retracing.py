@@ -50,7 +50,7 @@ class _Recorder(keras.callbacks.Callback):
 
 @pytest.mark.parametrize("fit_jit", [True, False], ids=["fit-jit", "fit-no-jit"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_fit_traces_once_with_a_fixed_batch_size(name, fit_jit):
+def test_fit_traces_once_with_a_fixed_batch_size(onednn_reported_off, name, fit_jit):
     layer = _make_layer(name)
     # The kernels are module-level: this fit may reuse traces made by earlier
     # tests (a relaxed trace covers every batch size). What matters is that the

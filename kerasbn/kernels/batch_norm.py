@@ -75,10 +75,11 @@ def _fused_training_input(x, feature_axes, epsilon, mask):
 
 
 def _inline_under_onednn(x, *args, mask=None, epsilon, feature_axes, **kwargs):
-    """`Kernel`'s `inline_when`: with oneDNN on, every input the fused op takes.
+    """`Kernel`'s `inline_when`: with oneDNN on, every input the fused op takes,
+    whatever the XLA policy's `min_elements` or the layer's `jit_compile`.
 
     oneDNN's batch-norm kernel beat our XLA programs in whole models too
-    (2-core AVX-512 CPU, Keras ÷ ours, interleaved, inputs from 2^20 elements
+    (2-core AVX-512 EPYC, Keras ÷ ours, interleaved, inputs from 2^20 elements
     on the XLA programs / inline: MobileNetV2 1.26 / 1.46, EfficientNetB0
     1.16 / 1.18); with oneDNN off the XLA programs stay (MobileNetV2 1.19 /
     1.02, EfficientNetB0 1.29 / 1.06).
@@ -231,17 +232,18 @@ def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
 def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     """Whether a training step runs as TensorFlow's `FusedBatchNormV3` op.
 
-    With oneDNN on (TensorFlow's default on CPUs with AVX-512), in a graph
-    TensorFlow runs op by op (not built for XLA, where our own kernel fuses
-    with its neighbours), with the hand-derived first-order gradient wanted
-    (not `differentiable_statistics()`), for the inputs
-    `_fused_training_input` accepts. There oneDNN's kernel is one pass each
-    way where our ops are a dozen. Measured on a 2-core AVX-512 CPU, whole
-    models, Keras ÷ ours with fused activations, one process, interleaved:
-    MobileNetV2 1.25 -> 1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 ->
-    1.13, DenseNet121 1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel
-    was faster per layer but not in whole models (5 of 6 model and variant
-    pairs 1-7% slower, within noise), so our ops stay (docs/benchmarks.md).
+    With oneDNN on (TensorFlow's default on x86 CPUs with AVX512-VNNI or
+    -BF16, AVX-VNNI or AMX), in a graph TensorFlow runs op by op (not built
+    for XLA, where our own kernel fuses with its neighbours), with the
+    hand-derived first-order gradient wanted (not
+    `differentiable_statistics()`), for the inputs `_fused_training_input`
+    accepts. There oneDNN's kernel is one pass each way where our ops are a
+    dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
+    with fused activations, one process, interleaved: MobileNetV2 1.25 ->
+    1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 -> 1.13, DenseNet121
+    1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel was faster per
+    layer but not in whole models (5 of 6 model and variant pairs 1-7%
+    slower, within noise), so our ops stay (docs/benchmarks.md, "oneDNN").
     Its variance is two-pass, as ours (`moments`): at mean 1e4 and unit
     variance, relative error 4e-6 with oneDNN (7e-7 without), against 8e-7
     for ours (float64 reference).

@@ -80,7 +80,11 @@ class BatchNorm(keras.layers.Layer):
         partial batch of an epoch) and calls inside an XLA-compiled step
         (`fit(jit_compile=True)`, which compiles them with the step) run plain
         TensorFlow ops, so no call waits for a compilation of ours at a new
-        batch size. False: plain TensorFlow ops always.
+        batch size. With oneDNN on, training on float32 NHWC inputs of a shape
+        known while the step is traced (no mask, no ghost batches) is
+        TensorFlow's fused batch-norm op instead, oneDNN's kernel, which was
+        faster in whole models (docs/xla.md). False: plain TensorFlow ops
+        always.
       virtual_batch_size: None (default) or an int >= 1. Ghost batch
         normalization: in training, each slice of `virtual_batch_size`
         consecutive examples (examples 0..v-1, v..2v-1, ...) is normalized
