@@ -20,21 +20,22 @@ export KERAS_BACKEND := tensorflow
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 # The modules whose results depend on which CPU kernels TensorFlow runs. oneDNN
-# (TF_ENABLE_ONEDNN_OPTS=1; on by default on x86 CPUs with AVX512-VNNI/BF16, AVX-VNNI
-# or AMX) replaces
-# TensorFlow's convolution, matmul and batch-norm kernels, lets Conv2D take
-# channels-first inputs, and switches the CPU allocator to BFC. Hence: layer
-# numerics against Keras' layers, the exported, folded and golden SavedModels
-# (conv graphs, TFLite), recalibration and channels-first models (conv models run
-# as plain ops or through XLA), small BatchNorm training steps (TensorFlow's fused
-# op, oneDNN's kernel when on), the benchmark smoke run (peak memory per allocator)
-# and the demo (conv model, trained and served).
+# (TF_ENABLE_ONEDNN_OPTS=1; on by default on x86 CPUs with AVX512-VNNI/BF16,
+# AVX-VNNI or AMX) replaces TensorFlow's convolution, matmul and batch-norm
+# kernels, lets Conv2D take channels-first inputs, switches the CPU allocator to
+# BFC, and makes our BatchNorm train with TensorFlow's fused op (float32 NHWC).
+# Hence: layer numerics against Keras' layers, the exported, folded and golden
+# SavedModels (conv graphs, TFLite), recalibration and channels-first models
+# (conv models run as plain ops or through XLA), BatchNorm training steps inline
+# and as the fused op, XLA compile counts, the benchmark smoke run (peak memory
+# per allocator) and the demo (conv model, trained and served).
 # .ci/run runs the whole suite with oneDNN off and these again with it on.
 # Add a module here when its results can differ with the CPU's kernels.
 PLATFORM_TESTS := \
 	tests/test_batch_norm_numerics.py \
 	tests/test_batch_renorm.py \
 	tests/test_group_norm.py \
+	tests/test_compilation.py \
 	tests/test_export.py \
 	tests/test_fusion.py \
 	tests/test_fused_inference.py \
