@@ -74,7 +74,9 @@ def _fused_training_input(x, feature_axes, epsilon, mask):
     return x.shape.num_elements() // x.shape[3] >= 2
 
 
-def _inline_under_onednn(x, *args, mask=None, epsilon, feature_axes, **kwargs):
+def _inline_under_onednn(
+    x, gamma, beta, moving_mean, moving_variance, mask=None, *, epsilon, feature_axes, **_
+):
     """`Kernel`'s `inline_when`: with oneDNN on, every input the fused op takes,
     whatever the XLA policy's `min_elements` or the layer's `jit_compile`.
 
@@ -84,9 +86,7 @@ def _inline_under_onednn(x, *args, mask=None, epsilon, feature_axes, **kwargs):
     1.16 / 1.18); with oneDNN off the XLA programs stay (MobileNetV2 1.19 /
     1.02, EfficientNetB0 1.29 / 1.06).
     """
-    del kwargs
-    if mask is None and len(args) > 4:  # given by position
-        mask = args[4]
+    del gamma, beta, moving_mean, moving_variance  # `batch_norm_train`'s signature
     return tf_internals.onednn_enabled() is True and _fused_training_input(
         x, feature_axes, epsilon, mask
     )

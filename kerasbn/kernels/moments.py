@@ -296,12 +296,12 @@ def moments(x, axes, mask=None):
     The statistics carry no gradient (the normalisation's custom gradient
     accounts for them), except in `differentiable_statistics()` mode (to
     differentiate a gradient, and in calls no tape records). The
-    `stop_gradient` on the results also keeps the reshapes inside `sum_over` off the backward pass: TensorFlow builds a
-    gradient for every op between a function's inputs and outputs, and a
-    gradient of a reshape by a computed shape makes the backward of an XLA
-    function need that shape as an input, which XLA's constant analysis then
-    traces back to the values of `x` (recompiling, and constant-folding the
-    whole step, on every call).
+    `stop_gradient` on the results also keeps the reshapes inside `sum_over`
+    off the backward pass: TensorFlow builds a gradient for every op between
+    a function's inputs and outputs, and a gradient of a reshape by a
+    computed shape makes the backward of an XLA function need that shape as
+    an input, which XLA's constant analysis then traces back to the values of
+    `x` (recompiling, and constant-folding the whole step, on every call).
     """
     differentiable = statistics_are_differentiable()
     if not differentiable:

@@ -119,9 +119,8 @@ def in_xla_context():
 
 def onednn_enabled():
     """True/False as TensorFlow decided at start-up whether to run oneDNN's CPU
-    kernels (on by default on x86 CPUs with AVX512-VNNI or -BF16, AVX-VNNI
-    or AMX; `TF_ENABLE_ONEDNN_OPTS`
-    overrides); None when that cannot be told."""
+    kernels (on by default on x86 CPUs with AVX512-VNNI or -BF16, AVX-VNNI or
+    AMX; `TF_ENABLE_ONEDNN_OPTS` overrides); None when that cannot be told."""
     if _IS_MKL_ENABLED is None:
         return None
     return bool(_IS_MKL_ENABLED())
