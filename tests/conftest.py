@@ -29,11 +29,23 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def _report_onednn(monkeypatch, enabled):
+    from kerasbn.kernels import tf_internals
+
+    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", lambda: enabled)
+
+
 @pytest.fixture
 def onednn_reported_off(monkeypatch):
     """Kernels traced in the test take the path for oneDNN off: our own ops and
     XLA programs for every BatchNorm (with oneDNN on, float32 NHWC training
     calls of a static shape are TensorFlow's fused op, `test_fused_training.py`)."""
-    from kerasbn.kernels import tf_internals
+    _report_onednn(monkeypatch, False)
 
-    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", lambda: False)
+
+@pytest.fixture
+def onednn_reported_on(monkeypatch):
+    """Kernels traced in the test take the oneDNN path: a BatchNorm on float32
+    NHWC trains with TensorFlow's fused op (which runs with oneDNN off too, as
+    TensorFlow's own kernel)."""
+    _report_onednn(monkeypatch, True)

@@ -1,5 +1,6 @@
-"""Which ops a traced graph holds, its functions' bodies included."""
+"""Traced training steps of a layer, and which ops a traced graph holds."""
 
+import keras
 import tensorflow as tf
 
 
@@ -9,6 +10,25 @@ def graph_op_types(graph):
     for function in graph.as_graph_def().library.function:
         types |= {node.op for node in function.node_def}
     return types
+
+
+def training_step(layer, activation=None):
+    """A traced step `(x, w) -> (y, [dx, *d_weights])` of the loss `sum(y * w)`.
+
+    `activation` (a Keras activation name) is applied to the layer's output
+    first, as a layer of its own would be.
+    """
+    apply = keras.activations.get(activation)
+
+    @tf.function
+    def step(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = apply(layer(x, training=True))
+            loss = tf.reduce_sum(y * w)
+        return y, tape.gradient(loss, [x] + list(layer.trainable_weights))
+
+    return step
 
 
 def training_step_op_types(layer, shape, dtype=tf.float32, jit_compile=False):

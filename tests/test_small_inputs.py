@@ -18,7 +18,7 @@ import tensorflow as tf
 import kerasbn
 from kerasbn import kernels
 from kerasbn.kernels import tf_internals
-from graph_inspection import training_step_op_types
+from graph_inspection import training_step, training_step_op_types
 from references import batch_norm_reference
 
 OURS = {
@@ -32,20 +32,6 @@ KERAS = {
     "GroupNorm": lambda: keras.layers.GroupNormalization(groups=2),
 }
 SHAPES = [(8, 6), (8, 5, 4), (8, 3, 3, 4)]
-
-
-def training_step(layer):
-    """A traced training step: the output, and the gradients of sum(y * w)."""
-
-    @tf.function
-    def step(x, w):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(y * w)
-        return y, tape.gradient(loss, [x] + list(layer.trainable_weights))
-
-    return step
 
 
 def run_step(make, x, w, **policy):
