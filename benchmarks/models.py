@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 import kerasbn  # noqa: E402
 from benchmarks import platform_info  # noqa: E402
-from benchmarks.timing import Case, measure  # noqa: E402
+from benchmarks.timing import Case, measure, ratio_interval  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results_models.md")
@@ -176,16 +176,32 @@ def step_table(results_by_model, step_kinds):
             if row["keras"] is None:
                 continue
             cells = [f"{row[v].median * 1e3:.0f} ms" if row[v] else "n/a" for v in VARIANTS]
-            keras_time = row["keras"].median
 
             def speedup(v):
-                return f"{keras_time / row[v].median:.2f}×" if row[v] else "n/a"
+                return speedup_with_interval(row["keras"], row[v]) if row[v] else "n/a"
 
             lines.append(
                 f"| {case.label} | {kind} | " + " | ".join(cells)
                 + f" | {speedup('kerasbn')} | {speedup('kerasbn_fused')} | {speedup('floor')} |"
             )
     return lines
+
+
+def speedup_with_interval(keras_case, ours):
+    """'1.24× (1.18–1.31)': Keras' median ÷ ours and its bootstrap interval."""
+    low, high = ratio_interval(keras_case.samples, ours.samples)
+    return f"{keras_case.median / ours.median:.2f}× ({low:.2f}–{high:.2f})"
+
+
+def verdict(keras_case, ours, goal):
+    """'met' when the whole interval of Keras ÷ ours reaches `goal`, 'NOT met'
+    when none of it does, and 'within noise' when it straddles `goal`."""
+    low, high = ratio_interval(keras_case.samples, ours.samples)
+    if low >= goal:
+        return "met"
+    if high < goal:
+        return "NOT met"
+    return "within noise"
 
 
 def target_lines(results_by_model, step_kinds):
@@ -199,22 +215,20 @@ def target_lines(results_by_model, step_kinds):
                 ours = results.get((kind, variant))
                 if keras_case is None or ours is None:
                     continue
-                value = keras_case.median / ours.median
-                verdict = "met" if value >= goal else "NOT met"
                 bound = f"; floor {keras_case.median / floor.median:.2f}×" if floor else ""
                 lines.append(
-                    f"- {case.name} {kind} step, Keras ÷ {TITLES[variant]}: {value:.2f}× "
-                    f"(target ≥ {goal}×{bound}) — **{verdict}**"
+                    f"- {case.name} {kind} step, Keras ÷ {TITLES[variant]}: "
+                    f"{speedup_with_interval(keras_case, ours)} "
+                    f"(target ≥ {goal}×{bound}) — **{verdict(keras_case, ours, goal)}**"
                 )
         predict_keras = results.get(("predict", "keras"))
         for variant in ("kerasbn", "kerasbn_fused"):
             ours = results.get(("predict", variant))
             if predict_keras and ours:
-                value = predict_keras.median / ours.median
-                verdict = "met" if value >= 1.0 else "NOT met"
                 lines.append(
-                    f"- {case.name} predict, Keras ÷ {TITLES[variant]}: {value:.2f}× "
-                    f"(target ≥ 1.0×) — **{verdict}**"
+                    f"- {case.name} predict, Keras ÷ {TITLES[variant]}: "
+                    f"{speedup_with_interval(predict_keras, ours)} "
+                    f"(target ≥ 1.0×) — **{verdict(predict_keras, ours, 1.0)}**"
                 )
     return lines
 
@@ -236,7 +250,10 @@ def render(results_by_model, step_kinds, settings):
         "`compile(jit_compile=True)`. Medians of "
         f"{settings['rounds']} interleaved rounds after {settings['warmup']} warm-up steps "
         f"(our XLA threshold set to {WARMUP_CALLS} calls in this process, so the warm-up "
-        "reaches the steady state); ratios are Keras' time ÷ the variant's, from this same run.",
+        "reaches the steady state); ratios are Keras' time ÷ the variant's, from this same run, "
+        "with in parentheses the 90% bootstrap interval over rounds (resampled in pairs, "
+        "`timing.ratio_interval`). A target is met when the whole interval reaches it, "
+        "NOT met when none of it does, and within noise otherwise.",
         "",
         "## Targets",
         "",

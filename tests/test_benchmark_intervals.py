@@ -1,0 +1,76 @@
+"""The benchmarks' ratio intervals and target verdicts, on made-up samples."""
+
+import numpy as np
+import pytest
+
+timing = pytest.importorskip("benchmarks.timing")
+models = pytest.importorskip("benchmarks.models")
+
+
+def _case(samples):
+    case = timing.Case("made up", fn=None)
+    case.samples = list(samples)
+    return case
+
+
+def test_a_constant_ratio_has_a_point_interval():
+    ours = np.linspace(0.1, 0.3, 9)
+    low, high = timing.ratio_interval(1.5 * ours, ours)
+    assert low == pytest.approx(1.5) and high == pytest.approx(1.5)
+
+
+def test_rounds_are_resampled_in_pairs():
+    """A slow round slows every case in it: paired, that noise cancels in the ratio."""
+    rng = np.random.default_rng(1)
+    load = rng.lognormal(sigma=0.5, size=15)  # per-round slowdown, shared by both cases
+    ours = 0.2 * load
+    paired = timing.ratio_interval(1.3 * ours, ours)
+    assert paired == pytest.approx((1.3, 1.3))
+    unpaired = timing.ratio_interval(1.3 * ours, ours[:-1])  # lengths differ: resampled apart
+    assert unpaired[0] < 1.2 and unpaired[1] > 1.4
+
+
+def test_the_interval_covers_the_true_ratio_about_as_often_as_it_claims():
+    rng = np.random.default_rng(2)
+    true_ratio, covered, trials = 1.25, 0, 200
+    for trial in range(trials):
+        ours = 0.1 * rng.lognormal(sigma=0.15, size=12)
+        keras = true_ratio * 0.1 * rng.lognormal(sigma=0.15, size=12)
+        low, high = timing.ratio_interval(keras, ours, seed=trial)
+        covered += low <= true_ratio <= high
+    assert 0.75 * trials <= covered < trials  # nominal 90%; a point interval would cover none
+
+
+def test_a_wider_confidence_gives_a_wider_interval():
+    rng = np.random.default_rng(3)
+    keras, ours = rng.lognormal(size=20), rng.lognormal(size=20)
+    narrow = timing.ratio_interval(keras, ours, confidence=0.5)
+    wide = timing.ratio_interval(keras, ours, confidence=0.99)
+    assert wide[0] < narrow[0] <= narrow[1] < wide[1]
+
+
+@pytest.mark.parametrize(
+    "numerator, denominator, kwargs, named",
+    [
+        ([], [1.0], {}, "`numerator`"),
+        ([1.0], [0.0], {}, "positive"),
+        ([1.0], [1.0], {"confidence": 1.0}, "`confidence`"),
+        ([1.0], [1.0], {"resamples": 0}, "`resamples`"),
+    ],
+)
+def test_bad_arguments_are_named(numerator, denominator, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        timing.ratio_interval(numerator, denominator, **kwargs)
+
+
+def test_a_target_is_met_only_when_the_whole_interval_reaches_it():
+    rng = np.random.default_rng(4)
+    ours = 0.1 * rng.lognormal(sigma=0.02, size=10)
+    clearly_faster = _case(1.5 * ours * rng.lognormal(sigma=0.02, size=10))
+    assert models.verdict(clearly_faster, _case(ours), 1.3) == "met"
+    assert models.verdict(clearly_faster, _case(ours), 1.7) == "NOT met"
+    noisy = _case(1.3 * ours * rng.lognormal(sigma=0.3, size=10))
+    assert models.verdict(noisy, _case(ours), 1.3) == "within noise"
+    text = models.speedup_with_interval(clearly_faster, _case(ours))
+    low, high = timing.ratio_interval(clearly_faster.samples, ours)
+    assert text == f"{clearly_faster.median / np.median(ours):.2f}× ({low:.2f}–{high:.2f})"
