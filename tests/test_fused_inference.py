@@ -193,3 +193,101 @@ def test_a_graph_traced_without_a_tape_differentiates_later(rng, training):
     for mine, want in zip(*gradients):
         assert mine is not None and want is not None
         np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class PerChannelAdd(keras.layers.Layer):
+    """`x + b` with a per-channel weight `b` of shape `bias_shape`, in either operand order."""
+
+    def __init__(self, bias_shape, bias_first=False, **kwargs):
+        super().__init__(**kwargs)
+        self.bias_shape, self.bias_first = tuple(bias_shape), bias_first
+
+    def build(self, input_shape):
+        self.b = self.add_weight(shape=self.bias_shape, initializer="zeros", name="b")
+
+    def call(self, x):
+        b = tf.convert_to_tensor(self.b)
+        return tf.add(b, x) if self.bias_first else tf.add(x, b)
+
+
+def biased_model(normalization, shape, add=None, activation="relu"):
+    """Conv2D then a bias (Conv2D's own, a `BiasAdd`, or the layer `add()` makes),
+    the normalization, relu."""
+    inputs = keras.Input(shape[1:])
+    y = keras.layers.Conv2D(4, 3, padding="same", use_bias=add is None)(inputs)
+    if add is not None:
+        y = add()(y)
+    y = normalization()(y)
+    y = keras.layers.Activation(activation)(y)
+    return keras.Model(inputs, y)
+
+
+def fused_op_inputs(model, shape):
+    """The op types feeding the `x` input of each FusedBatchNormV3 in `model`'s predict graph."""
+    function = tf.function(lambda x: model(x, training=False))
+    graph = function.get_concrete_function(tf.TensorSpec(shape)).graph
+    return [op.inputs[0].op.type for op in graph.get_operations() if op.type == FUSED_OP]
+
+
+BIASES = {
+    "Conv2D's bias (BiasAdd)": None,
+    "AddV2, bias (1, 1, 1, C) second": lambda: PerChannelAdd((1, 1, 1, 4)),
+    "AddV2, bias (C,) first": lambda: PerChannelAdd((4,), bias_first=True),
+}
+
+
+@pytest.mark.parametrize("bias", BIASES.values(), ids=BIASES.keys())
+def test_a_per_channel_bias_moves_into_the_offset_so_the_op_reads_the_conv(rng, bias):
+    """`(a + b - μ) k + β = (a - μ) k + (β + b k)`: the op's input is the
+    convolution itself, which TensorFlow's graph optimizer can fold it into."""
+    shape = (3, 6, 5, 2)
+
+    def make(normalization):
+        return biased_model(normalization, shape, add=bias)
+
+    keras_model = randomized(make(keras.layers.BatchNormalization), rng)
+    ours = make(kerasbn.BatchNorm)
+    ours.set_weights(keras_model.get_weights())
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    np.testing.assert_allclose(
+        ours.predict_on_batch(x), keras_model.predict_on_batch(x), rtol=1e-5, atol=1e-5
+    )
+    assert fused_op_inputs(ours, shape) == ["Conv2D"]
+
+
+def test_other_sums_keep_the_op_on_the_sum(rng):
+    """A bias that varies along more than the channels is no per-channel bias."""
+    shape = (2, 4, 5, 3)
+    add = lambda: PerChannelAdd((1, 1, 5, 4))  # noqa: E731
+    keras_model = randomized(biased_model(keras.layers.BatchNormalization, shape, add), rng)
+    ours = biased_model(kerasbn.BatchNorm, shape, add)
+    ours.set_weights(keras_model.get_weights())
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(
+        ours.predict_on_batch(x), keras_model.predict_on_batch(x), rtol=1e-5, atol=1e-5
+    )
+    assert fused_op_inputs(ours, shape) == ["AddV2"]
+
+
+def test_with_the_bias_moved_a_graph_traced_without_a_tape_differentiates_later(rng):
+    """Gradients of the input, the convolution's kernel and bias, γ and β equal
+    Keras' through the rewritten op (the bias's goes through the offset)."""
+    shape = (4, 5, 5, 3)
+    x = tf.constant(rng.normal(1.0, 2.0, shape).astype("float32"))
+    keras_model = randomized(biased_model(keras.layers.BatchNormalization, shape), rng)
+    ours = biased_model(kerasbn.BatchNorm, shape)
+    ours.set_weights(keras_model.get_weights())
+    assert fused_op_inputs(ours, shape) == ["Conv2D"]
+    w = tf.constant(rng.normal(size=(4, 5, 5, 4)).astype("float32"))
+    gradients = []
+    for model in (ours, keras_model):
+        concrete = tf.function(lambda v, model=model: model(v, training=False))
+        concrete = concrete.get_concrete_function(tf.TensorSpec(shape))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(concrete(x) * w)
+        gradients.append(tape.gradient(loss, [x] + model.trainable_weights))
+    assert len(gradients[0]) == 5  # x, kernel, bias, γ, β
+    for mine, want in zip(*gradients):
+        assert mine is not None and want is not None
+        np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)

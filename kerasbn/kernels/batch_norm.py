@@ -217,8 +217,9 @@ def _tensorflow_fused_inference_applies(x, feature_axes, epsilon):
     float32 NHWC inputs. It is one pass over `x` where the multiply-add is
     two, and TensorFlow's graph optimizer (its remapper) folds it, with a
     following relu, relu6, elu or leaky relu, into a preceding `Conv2D`
-    (`_FusedConv2D`): the normalization then costs no pass of its own
-    (measured in `benchmarks/models.py`).
+    (`_FusedConv2D`), also past the convolution's bias
+    (`_tensorflow_fused_inference`): the normalization then costs no pass of
+    its own (measured in `benchmarks/models.py`).
     """
     return (
         built_untaped()
@@ -282,10 +283,61 @@ def _tensorflow_fused_training(x, gamma, beta, epsilon):
     return y, mean, variance, tf.constant(float(count), x.dtype)
 
 
+def _per_channel_sum(x):
+    """`(a, b)` when the graph computes `x` as `a + b` with `b` one value per
+    channel (a bias: Keras' `Conv2D` adds its own as `BiasAdd`), else None.
+
+    Only for a float32 NHWC `x` built in the graph being traced.
+    """
+    if tf.executing_eagerly() or not hasattr(x, "op"):
+        return None
+    op = x.op
+    if op.type == "BiasAdd":
+        if op.get_attr("data_format") not in (b"NHWC", "NHWC"):
+            return None
+        pairs = [(op.inputs[0], op.inputs[1])]
+    elif op.type in ("AddV2", "Add"):
+        pairs = [(op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])]
+    else:
+        return None
+    channels = x.shape[3]
+    for whole, bias in pairs:
+        per_channel = bias.shape.rank in (1, 4) and bias.shape.as_list()[:-1] == [1] * (
+            bias.shape.rank - 1
+        )
+        if (
+            channels is not None
+            and per_channel
+            and bias.shape[-1] == channels
+            and whole.shape.rank == 4
+            and whole.shape[3] == channels
+            and whole.dtype == x.dtype
+        ):
+            return whole, tf.reshape(bias, [channels])
+    return None
+
+
 def _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon):
-    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0."""
+    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0.
+
+    When `x` is `a + b` with a per-channel `b` (`_per_channel_sum`: a
+    convolution's bias), the op normalizes `a` with `b`'s share moved into its
+    offset, `(a + b - mean) k + β = (a - mean) k + (β + b k)` with
+    `k = γ / sqrt(variance + ε)`: TensorFlow's graph optimizer then folds the
+    op into a convolution that produces `a`, as it does when there is no
+    bias, and the addition is left to whoever else reads it. Gradients for
+    `a`, `b`, γ and β stay exact (`b`'s goes through the offset); the moving
+    statistics get none, as without the bias. Measured, ResNet50's
+    `predict_on_batch` (batch 16, 64×64; one process, 30 interleaved rounds,
+    2-core AVX-512 EPYC), Keras ÷ ours without / with this: 0.98× / 1.06×
+    with oneDNN on, 0.99× / 1.09× with it off.
+    """
     scale = tf.ones_like(mean) if gamma is None else gamma
     offset = tf.zeros_like(mean) if beta is None else beta
+    split = _per_channel_sum(x)
+    if split is not None:
+        x, bias = split
+        offset = offset + bias * (scale * tf.math.rsqrt(tf.stop_gradient(variance) + epsilon))
     return tf.raw_ops.FusedBatchNormV3(
         x=x,
         scale=scale,
