@@ -292,13 +292,14 @@ def main(argv=None):
         variants = tuple(args.variants.split(","))
         if "keras" not in variants or set(variants) - set(VARIANTS):
             parser.error(f"--variants: choose from {VARIANTS}, keras included (the anchor)")
-    kerasbn.kernels.set_xla_policy(warmup_calls=WARMUP_CALLS)
     results = {}
-    for case in models:
-        print(f"timing {case.label} ...", flush=True)
-        results[case] = time_model(
-            case, step_kinds=step_kinds, rounds=rounds, warmup=warmup, variants=variants
-        )
+    # Restored afterwards: a caller in the same process (the tests) keeps its policy.
+    with kerasbn.kernels.xla_policy(warmup_calls=WARMUP_CALLS):
+        for case in models:
+            print(f"timing {case.label} ...", flush=True)
+            results[case] = time_model(
+                case, step_kinds=step_kinds, rounds=rounds, warmup=warmup, variants=variants
+            )
     settings = dict(rounds=rounds, warmup=warmup, argv=" ".join(argv if argv is not None else sys.argv[1:]))
     text = render(results, step_kinds, settings)
     output = args.output or DEFAULT_OUTPUT

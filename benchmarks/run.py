@@ -372,6 +372,15 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Runs the benchmarks; the XLA policy they set is restored afterwards, so a
+    caller in the same process (the tests) keeps its own."""
+    import kerasbn
+
+    with kerasbn.kernels.xla_policy():
+        return _main(argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
     if args.memory_case:
         dims = tuple(int(d) for d in args.memory_shape.split("x"))

@@ -150,3 +150,16 @@ def test_first_calls_tables_report_medians_ratios_and_verdicts():
     verdicts = first_calls.target_lines(results)
     assert any("kerasbn time ÷ Keras BN: 1.09× (target ≤ 1.2×) — **met**" in line for line in verdicts)
     assert any("kerasbn GN time ÷ Keras GN: 1.95× (target ≤ 1.5×) — **NOT met**" in line for line in verdicts)
+
+
+def test_the_runs_leave_the_xla_policy_as_they_found_it(quick_results, tmp_path):
+    """Each run sets its own XLA policy; a caller in the same process keeps its own."""
+    import kerasbn
+
+    models = pytest.importorskip("benchmarks.models")
+    before = kerasbn.kernels.get_xla_policy()
+    assert before["warmup_calls"] not in (0, models.WARMUP_CALLS)  # the runs' values
+    assert run.main(["--quick", "--output", str(tmp_path / "results.md")]) == 0
+    assert kerasbn.kernels.get_xla_policy() == before
+    assert models.main(["--quick", "--variants", "keras,kerasbn", "--output", str(tmp_path / "m.md")]) == 0
+    assert kerasbn.kernels.get_xla_policy() == before
