@@ -187,16 +187,36 @@ def step_table(results_by_model, step_kinds):
     return lines
 
 
+# Fewer rounds give no interval worth the name (one round: a point).
+MIN_ROUNDS_FOR_INTERVAL = 5
+
+
+def _interval(keras_case, ours):
+    """The bootstrap interval of Keras ÷ ours, or None with too few rounds.
+
+    Both cases were timed once per round by one `measure` call: paired.
+    """
+    if min(len(keras_case.samples), len(ours.samples)) < MIN_ROUNDS_FOR_INTERVAL:
+        return None
+    return ratio_interval(keras_case.samples, ours.samples, paired=True)
+
+
 def speedup_with_interval(keras_case, ours):
-    """'1.24× (1.18–1.31)': Keras' median ÷ ours and its bootstrap interval."""
-    low, high = ratio_interval(keras_case.samples, ours.samples)
-    return f"{keras_case.median / ours.median:.2f}× ({low:.2f}–{high:.2f})"
+    """'1.24× (1.18–1.31)': Keras' median ÷ ours and its bootstrap interval
+    ('1.24×' alone below `MIN_ROUNDS_FOR_INTERVAL` rounds)."""
+    text = f"{keras_case.median / ours.median:.2f}×"
+    interval = _interval(keras_case, ours)
+    return text if interval is None else f"{text} ({interval[0]:.2f}–{interval[1]:.2f})"
 
 
 def verdict(keras_case, ours, goal):
     """'met' when the whole interval of Keras ÷ ours reaches `goal`, 'NOT met'
-    when none of it does, and 'within noise' when it straddles `goal`."""
-    low, high = ratio_interval(keras_case.samples, ours.samples)
+    when none of it does, 'within noise' when it straddles `goal`, and 'not
+    judged' below `MIN_ROUNDS_FOR_INTERVAL` rounds."""
+    interval = _interval(keras_case, ours)
+    if interval is None:
+        return f"not judged: {min(len(keras_case.samples), len(ours.samples))} rounds"
+    low, high = interval
     if low >= goal:
         return "met"
     if high < goal:
@@ -253,7 +273,9 @@ def render(results_by_model, step_kinds, settings):
         "reaches the steady state); ratios are Keras' time ÷ the variant's, from this same run, "
         "with in parentheses the 90% bootstrap interval over rounds (resampled in pairs, "
         "`timing.ratio_interval`). A target is met when the whole interval reaches it, "
-        "NOT met when none of it does, and within noise otherwise.",
+        "NOT met when none of it does, and within noise otherwise (with fewer than "
+        f"{MIN_ROUNDS_FOR_INTERVAL} rounds, not judged). Each interval misses its ratio "
+        "one time in ten, so among many verdicts expect a few wrong by chance.",
         "",
         "## Targets",
         "",

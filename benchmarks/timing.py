@@ -58,35 +58,45 @@ class Case:
         return max(self.first_call - self.median, 0.0)
 
 
-def ratio_interval(numerator, denominator, *, confidence=0.9, resamples=2000, seed=0):
+def ratio_interval(numerator, denominator, *, paired, confidence=0.9, resamples=2000, seed=0):
     """Bootstrap interval of `median(numerator) / median(denominator)`.
 
-    The samples are seconds per call of two cases. When both have as many
-    samples, sample i of each comes from round i of `measure` with
-    `calls_per_round=1` (the same stretch of the machine's load), so rounds
-    are resampled as pairs; otherwise each case is resampled on its own.
+    The samples are seconds per call of two cases. `paired=True` says sample
+    i of each comes from round i of one `measure(..., calls_per_round=1)`
+    (the same stretch of the machine's load): rounds are then resampled as
+    pairs. Otherwise each case is resampled on its own. Resampling the two
+    medians (not the per-round ratios) keeps the interval about the ratio the
+    tables print; with load shared by a round it is on the wide side
+    (conservative).
 
     Returns `(low, high)`, the central `confidence` share of the resampled
     ratios: on these noisy machines a ratio is only ahead of a target when
     `low` is.
 
     Raises:
-      ValueError: a case without samples, a non-positive sample, `confidence`
+      ValueError: a case without samples, a sample that is not a positive
+        finite duration, `paired` with different sample counts, `confidence`
         outside (0, 1) or `resamples` below 1.
     """
     numerator = np.asarray(numerator, dtype=np.float64)
     denominator = np.asarray(denominator, dtype=np.float64)
     if numerator.size == 0 or denominator.size == 0:
         raise ValueError("ratio_interval: `numerator` and `denominator` need samples.")
-    if (numerator <= 0).any() or (denominator <= 0).any():
-        raise ValueError("ratio_interval: samples are durations and must be positive.")
+    for samples in (numerator, denominator):
+        if not (np.isfinite(samples).all() and (samples > 0).all()):
+            raise ValueError("ratio_interval: samples are durations, positive and finite.")
+    if paired and numerator.size != denominator.size:
+        raise ValueError(
+            f"ratio_interval: `paired` needs as many samples on each side, got "
+            f"{numerator.size} and {denominator.size}."
+        )
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"ratio_interval: `confidence` must be in (0, 1), got {confidence!r}.")
     if resamples < 1:
         raise ValueError(f"ratio_interval: `resamples` must be at least 1, got {resamples!r}.")
     rng = np.random.default_rng(seed)
     top = rng.integers(0, numerator.size, size=(resamples, numerator.size))
-    if numerator.size == denominator.size:
+    if paired:
         bottom = top
     else:
         bottom = rng.integers(0, denominator.size, size=(resamples, denominator.size))

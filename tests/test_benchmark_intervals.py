@@ -1,5 +1,7 @@
 """The benchmarks' ratio intervals and target verdicts, on made-up samples."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,10 @@ def _case(samples):
 
 def test_a_constant_ratio_has_a_point_interval():
     ours = np.linspace(0.1, 0.3, 9)
-    low, high = timing.ratio_interval(1.5 * ours, ours)
+    low, high = timing.ratio_interval(1.5 * ours, ours, paired=True)
     assert low == pytest.approx(1.5) and high == pytest.approx(1.5)
+    steady = np.full(9, 0.2)
+    assert timing.ratio_interval(1.5 * steady, steady, paired=False) == pytest.approx((1.5, 1.5))
 
 
 def test_rounds_are_resampled_in_pairs():
@@ -24,9 +28,9 @@ def test_rounds_are_resampled_in_pairs():
     rng = np.random.default_rng(1)
     load = rng.lognormal(sigma=0.5, size=15)  # per-round slowdown, shared by both cases
     ours = 0.2 * load
-    paired = timing.ratio_interval(1.3 * ours, ours)
+    paired = timing.ratio_interval(1.3 * ours, ours, paired=True)
     assert paired == pytest.approx((1.3, 1.3))
-    unpaired = timing.ratio_interval(1.3 * ours, ours[:-1])  # lengths differ: resampled apart
+    unpaired = timing.ratio_interval(1.3 * ours, ours, paired=False)
     assert unpaired[0] < 1.2 and unpaired[1] > 1.4
 
 
@@ -36,7 +40,7 @@ def test_the_interval_covers_the_true_ratio_about_as_often_as_it_claims():
     for trial in range(trials):
         ours = 0.1 * rng.lognormal(sigma=0.15, size=12)
         keras = true_ratio * 0.1 * rng.lognormal(sigma=0.15, size=12)
-        low, high = timing.ratio_interval(keras, ours, seed=trial)
+        low, high = timing.ratio_interval(keras, ours, paired=False, seed=trial)
         covered += low <= true_ratio <= high
     assert 0.75 * trials <= covered < trials  # nominal 90%; a point interval would cover none
 
@@ -44,8 +48,8 @@ def test_the_interval_covers_the_true_ratio_about_as_often_as_it_claims():
 def test_a_wider_confidence_gives_a_wider_interval():
     rng = np.random.default_rng(3)
     keras, ours = rng.lognormal(size=20), rng.lognormal(size=20)
-    narrow = timing.ratio_interval(keras, ours, confidence=0.5)
-    wide = timing.ratio_interval(keras, ours, confidence=0.99)
+    narrow = timing.ratio_interval(keras, ours, paired=True, confidence=0.5)
+    wide = timing.ratio_interval(keras, ours, paired=True, confidence=0.99)
     assert wide[0] < narrow[0] <= narrow[1] < wide[1]
 
 
@@ -53,12 +57,15 @@ def test_a_wider_confidence_gives_a_wider_interval():
     "numerator, denominator, kwargs, named",
     [
         ([], [1.0], {}, "`numerator`"),
-        ([1.0], [0.0], {}, "positive"),
+        ([1.0], [0.0], {}, "positive and finite"),
+        ([1.0], [float("nan")], {}, "positive and finite"),
+        ([1.0, 2.0], [1.0], {"paired": True}, "`paired`"),
         ([1.0], [1.0], {"confidence": 1.0}, "`confidence`"),
         ([1.0], [1.0], {"resamples": 0}, "`resamples`"),
     ],
 )
 def test_bad_arguments_are_named(numerator, denominator, kwargs, named):
+    kwargs = {"paired": False, **kwargs}
     with pytest.raises(ValueError, match=named):
         timing.ratio_interval(numerator, denominator, **kwargs)
 
@@ -72,5 +79,13 @@ def test_a_target_is_met_only_when_the_whole_interval_reaches_it():
     noisy = _case(1.3 * ours * rng.lognormal(sigma=0.3, size=10))
     assert models.verdict(noisy, _case(ours), 1.3) == "within noise"
     text = models.speedup_with_interval(clearly_faster, _case(ours))
-    low, high = timing.ratio_interval(clearly_faster.samples, ours)
-    assert text == f"{clearly_faster.median / np.median(ours):.2f}× ({low:.2f}–{high:.2f})"
+    parts = re.fullmatch(r"([\d.]+)× \(([\d.]+)–([\d.]+)\)", text).groups()
+    point, low, high = (float(v) for v in parts)
+    assert point == pytest.approx(1.5, abs=0.03) and low <= point <= high and high - low < 0.1
+
+
+def test_too_few_rounds_give_no_interval_and_no_verdict():
+    few = models.MIN_ROUNDS_FOR_INTERVAL - 1
+    keras_case, ours = _case([0.3] * few), _case([0.1] * few)
+    assert models.speedup_with_interval(keras_case, ours) == "3.00×"
+    assert models.verdict(keras_case, ours, 1.3) == f"not judged: {few} rounds"

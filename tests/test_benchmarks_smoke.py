@@ -108,11 +108,11 @@ def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
         keras_ms, kerasbn_ms, fused_ms, floor_ms = row[2:6]
         assert re.fullmatch(r"\d+ ms", keras_ms) and re.fullmatch(r"\d+ ms", fused_ms), row
         assert kerasbn_ms == floor_ms == "n/a", row
-        assert re.fullmatch(r"[\d.]+× \([\d.]+–[\d.]+\)", row[7]), row
+        assert re.fullmatch(r"[\d.]+×", row[7]), row  # one round: no interval
         assert row[6] == row[8] == "n/a", row
     assert "Machine: " in text and "oneDNN" in text
     target = next(line for line in text.splitlines() if "MobileNetV2 plain step" in line)
-    assert re.search(r"\*\*(met|NOT met|within noise)\*\*$", target), target
+    assert target.endswith("**not judged: 1 rounds**"), target
 
 
 def test_end_to_end_variants_are_the_same_network_with_other_normalizations():
