@@ -338,8 +338,9 @@ def _tensorflow_fused_inference(x, gamma, beta, mean, variance, epsilon):
     on the path to the output, so a gradient asked of that intermediate
     tensor is None. Measured, ResNet50's
     `predict_on_batch` (batch 16, 64×64; one process, 30 interleaved rounds,
-    2-core AVX-512 EPYC), Keras ÷ ours without / with this: 0.98× / 1.06×
-    with oneDNN on, 0.99× / 1.09× with it off.
+    2-core AVX-512 EPYC), Keras ÷ ours without / with this, two runs: 0.98× /
+    1.06× and 1.01× / 1.07× with oneDNN on, 0.99× / 1.09× and 0.95× / 1.06×
+    with it off.
     """
     scale = tf.ones_like(mean) if gamma is None else gamma
     offset = tf.zeros_like(mean) if beta is None else beta
