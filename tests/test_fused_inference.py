@@ -222,11 +222,15 @@ def biased_model(normalization, shape, add=None, activation="relu"):
     return keras.Model(inputs, y)
 
 
-def fused_op_inputs(model, shape):
-    """The op types feeding the `x` input of each FusedBatchNormV3 in `model`'s predict graph."""
-    function = tf.function(lambda x: model(x, training=False))
-    graph = function.get_concrete_function(tf.TensorSpec(shape)).graph
+def fused_op_input_types(graph):
+    """The op types feeding the `x` input of each FusedBatchNormV3 in `graph`."""
     return [op.inputs[0].op.type for op in graph.get_operations() if op.type == FUSED_OP]
+
+
+def fused_op_inputs(model, shape):
+    """`fused_op_input_types` of `model`'s predict graph."""
+    function = tf.function(lambda x: model(x, training=False))
+    return fused_op_input_types(function.get_concrete_function(tf.TensorSpec(shape)).graph)
 
 
 BIASES = {
@@ -322,9 +326,7 @@ def test_a_sum_with_control_inputs_keeps_the_op_on_the_sum():
     graph = forward.get_concrete_function(
         tf.TensorSpec((2, 3, 3, 4)), tf.TensorSpec((4,))
     ).graph
-    assert [op.inputs[0].op.type for op in graph.get_operations() if op.type == FUSED_OP] == [
-        "BiasAdd"
-    ]
+    assert fused_op_input_types(graph) == ["BiasAdd"]
 
 
 def test_a_large_bias_over_a_small_spread_keeps_its_digits(rng):
@@ -347,9 +349,7 @@ def test_a_large_bias_over_a_small_spread_keeps_its_digits(rng):
     want = inference_reference(x, gamma, beta, mean.astype("float32"), variance, 1e-3, -1)
     np.testing.assert_allclose(got, want, atol=5e-5)
     graph = forward.get_concrete_function(tf.TensorSpec(shape), tf.TensorSpec((3,))).graph
-    assert [op.inputs[0].op.type for op in graph.get_operations() if op.type == FUSED_OP] == [
-        "Placeholder"
-    ]
+    assert fused_op_input_types(graph) == ["Placeholder"]
 
 
 @pytest.mark.parametrize("bias", BIASES.values(), ids=BIASES.keys())
