@@ -306,14 +306,13 @@ def _per_channel_sum(x):
     else:
         return None
     channels = x.shape[3]
+    if channels is None:
+        return None
+    per_channel_shapes = ([channels], [1, 1, 1, channels])
     for whole, bias in pairs:
-        per_channel = bias.shape.rank in (1, 4) and bias.shape.as_list()[:-1] == [1] * (
-            bias.shape.rank - 1
-        )
         if (
-            channels is not None
-            and per_channel
-            and bias.shape[-1] == channels
+            bias.shape.rank is not None
+            and bias.shape.as_list() in per_channel_shapes
             and whole.shape.rank == 4
             and whole.shape[3] == channels
             and whole.dtype == x.dtype
