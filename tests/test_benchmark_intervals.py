@@ -89,3 +89,50 @@ def test_too_few_rounds_give_no_interval_and_no_verdict():
     keras_case, ours = _case([0.3] * few), _case([0.1] * few)
     assert models.speedup_with_interval(keras_case, ours) == "3.00×"
     assert models.verdict(keras_case, ours, 1.3) == f"not judged: {few} rounds"
+
+
+def test_bootstrap_resamples_the_rounds_of_every_series_together():
+    """A fraction of per-round sums: shared load cancels, as for a paired ratio."""
+    rng = np.random.default_rng(5)
+    load = rng.lognormal(sigma=0.4, size=16)
+    activation, keras = 2.0 * load, 5.0 * load
+    ours = activation + 0.4 * (keras - activation)
+
+    def fraction(k, o, a):
+        return (np.median(o) - np.median(a)) / (np.median(k) - np.median(a))
+
+    low, high = timing.bootstrap_interval(fraction, keras, ours, activation)
+    assert low == pytest.approx(0.4) and high == pytest.approx(0.4)
+    noisy = ours * rng.lognormal(sigma=0.2, size=16)
+    low, high = timing.bootstrap_interval(fraction, keras, noisy, activation)
+    assert low < fraction(keras, noisy, activation) < high and high - low > 0.05
+
+
+@pytest.mark.parametrize(
+    "series, kwargs, named",
+    [
+        ((), {}, "at least one series"),
+        (([1.0, 2.0], [1.0]), {}, "same length"),
+        (([1.0], []), {}, "series 1"),
+        (([1.0], [-1.0]), {}, "positive and finite"),
+        (([1.0],), {"confidence": 0.0}, "`confidence`"),
+        (([1.0],), {"resamples": 0}, "`resamples`"),
+    ],
+)
+def test_bootstrap_refuses_bad_series_by_name(series, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        timing.bootstrap_interval(lambda *s: 1.0, *series, **kwargs)
+
+
+def test_bootstrap_refuses_a_statistic_never_finite():
+    with pytest.raises(ValueError, match="not finite"):
+        timing.bootstrap_interval(lambda s: float("nan"), [1.0, 2.0])
+
+
+def test_block_takes_cpu_tensors_as_views_and_skips_plain_values():
+    import tensorflow as tf
+
+    tensor = tf.ones([64, 64])
+    assert "device:CPU:" in tensor.device
+    assert np.shares_memory(np.asarray(tensor), np.asarray(tensor))  # a view, no copy
+    timing.block([tensor, None, 3.0, (tf.constant(2.0), np.zeros(2))])
