@@ -92,8 +92,10 @@ demo: $(STAMP)
 # settings (results_models.md), and plain steps with oneDNN off (the default on
 # CPUs without AVX512-VNNI/BF16), with TensorFlow's default CPU allocator
 # (results_models_onednn_off.md) and with its BFC allocator, which oneDNN
-# uses anyway (results_models_bfc.md), first calls at new shapes (results_first_calls.md);
-# each writes its table under benchmarks/.
+# uses anyway (results_models_bfc.md), each model's normalization inputs timed
+# one by one with oneDNN as TensorFlow sets it and off (results_model_layers*.md),
+# first calls at new shapes (results_first_calls.md); each writes its table
+# under benchmarks/.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.models
@@ -101,6 +103,9 @@ bench: $(STAMP)
 		--steps plain --output benchmarks/results_models_bfc.md
 	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m benchmarks.models --steps plain \
 		--output benchmarks/results_models_onednn_off.md
+	$(BIN)/python -m benchmarks.model_layers
+	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m benchmarks.model_layers \
+		--output benchmarks/results_model_layers_onednn_off.md
 	$(BIN)/python -m benchmarks.first_calls
 
 clean:
