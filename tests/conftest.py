@@ -47,5 +47,16 @@ def onednn_reported_off(monkeypatch):
 def onednn_reported_on(monkeypatch):
     """Kernels traced in the test take the oneDNN path: a BatchNorm on float32
     NHWC trains with TensorFlow's fused op (which runs with oneDNN off too, as
-    TensorFlow's own kernel)."""
+    TensorFlow's own kernel), at every size here, so small inputs test it (the
+    package keeps its own ops under `_FUSED_TRAINING_MIN_ELEMENTS`: see
+    `onednn_reported_on_at_its_threshold`)."""
+    from kerasbn.kernels import batch_norm
+
+    _report_onednn(monkeypatch, True)
+    monkeypatch.setattr(batch_norm, "_FUSED_TRAINING_MIN_ELEMENTS", 0)
+
+
+@pytest.fixture
+def onednn_reported_on_at_its_threshold(monkeypatch):
+    """The oneDNN path with the package's own size threshold for the fused op."""
     _report_onednn(monkeypatch, True)

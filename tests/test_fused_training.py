@@ -167,9 +167,9 @@ def test_other_training_calls_keep_our_kernels(onednn_reported_on, make, shape, 
 @pytest.mark.parametrize("shape", [(4, 3, 3, 2), (16, 8, 8, 1024)])
 def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
     """TensorFlow's setting decides: oneDNN's kernel trained whole models
-    faster, at every size; TensorFlow's own kernel, with oneDNN off, did not.
-    Off, a small input keeps our inline ops and one of 2^20 elements (the
-    default `min_elements`) our XLA programs."""
+    faster from 96 Ki elements; TensorFlow's own kernel, with oneDNN off, did
+    not. A small input keeps our inline ops either way; with oneDNN off one
+    of 2^20 elements (the default `min_elements`) runs our XLA programs."""
     setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     onednn = tf_internals.onednn_enabled()
     if setting == "0":  # "1" asks, but a TensorFlow built without oneDNN stays off
@@ -177,9 +177,51 @@ def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
     layer = kerasbn.BatchNorm()
     layer.build(shape)
     types = training_step_op_types(layer, shape)
-    assert (FUSED_OP in types) is bool(onednn), types
     large = bool(np.prod(shape) >= kernels.get_xla_policy()["min_elements"])
+    assert (FUSED_OP in types) is (large and bool(onednn)), types
     assert any("PartitionedCall" in t for t in types) is (large and not onednn), types
+
+
+# oneDNN's op and its gradient cost about 0.2 ms each per call: below 96 Ki
+# elements our inline ops train a layer faster (kernels/batch_norm.py).
+@pytest.mark.parametrize(
+    "shape, fused",
+    [
+        ((4, 1, 1, 960), False),
+        ((8, 8, 8, 128), False),  # 65536
+        ((4, 8, 8, 383), False),  # 98048: one channel short
+        ((8, 8, 8, 192), True),  # 98304 = 96 Ki
+        ((32, 6, 6, 96), True),
+    ],
+)
+def test_oneDNN_takes_the_fused_op_from_96_ki_elements(onednn_reported_on_at_its_threshold, shape, fused):
+    layer = kerasbn.BatchNorm(activation="relu")
+    layer.build(shape)
+    types = training_step_op_types(layer, shape)
+    assert (FUSED_OP in types) is fused, types
+    assert (FUSED_GRADIENT_OP in types) is fused, types
+    # Either way inline in the step: no program call of ours.
+    assert not any("PartitionedCall" in t for t in types), types
+
+
+def test_under_the_threshold_a_step_equals_keras(onednn_reported_on_at_its_threshold, rng):
+    """Our inline ops under oneDNN, three steps, against Keras' layers."""
+    shape = (8, 4, 4, 6)
+    ours = randomized(kerasbn.BatchNorm(momentum=MOMENTUM, activation="relu6"), shape, rng)
+    assert not training_step_op_types(ours, shape) & {FUSED_OP, FUSED_GRADIENT_OP}
+    theirs = keras.layers.BatchNormalization(momentum=MOMENTUM)
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    ours_step, theirs_step = training_step(ours), training_step(theirs, "relu6")
+    for _ in range(3):
+        x = tf.constant(rng.normal(2.0, 3.0, shape).astype("float32"))
+        w = tf.constant(rng.normal(size=shape).astype("float32"))
+        for mine, keras_value in zip(
+            tf.nest.flatten(ours_step(x, w)), tf.nest.flatten(theirs_step(x, w)), strict=True
+        ):
+            np.testing.assert_allclose(mine.numpy(), keras_value.numpy(), rtol=1e-4, atol=1e-4)
+    for mine, keras_value in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        np.testing.assert_allclose(mine, keras_value, rtol=1e-5, atol=1e-6)
 
 
 def test_an_xla_compiled_step_keeps_our_kernels(onednn_reported_on):

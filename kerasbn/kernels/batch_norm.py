@@ -126,9 +126,9 @@ def batch_norm_train(
       non-finite statistic.
 
     With oneDNN on, built for a graph TensorFlow runs op by op with a static
-    float32 NHWC input (inline training ops, `compile.Kernel`), the step is
-    TensorFlow's `FusedBatchNormV3` op and its gradient instead
-    (`_tensorflow_fused_training_applies`).
+    float32 NHWC input of at least 96 Ki elements (inline training ops,
+    `compile.Kernel`), the step is TensorFlow's `FusedBatchNormV3` op and its
+    gradient instead (`_tensorflow_fused_training_applies`).
     """
     if _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
         y, mean, variance, count = _tensorflow_fused_training(x, gamma, beta, epsilon)
@@ -238,8 +238,8 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     for XLA, where our own kernel fuses with its neighbours), with the
     hand-derived first-order gradient wanted (not
     `differentiable_statistics()`), for the inputs `_fused_training_input`
-    accepts. There oneDNN's kernel is one pass each way where our ops are a
-    dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
+    accepts with at least `_FUSED_TRAINING_MIN_ELEMENTS` elements. There
+    oneDNN's kernel is one pass each way where our ops are a dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
     with fused activations, one process, interleaved: MobileNetV2 1.25 ->
     1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 -> 1.13, DenseNet121
     1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel was faster per
@@ -253,7 +253,23 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
         return False
     if tf_internals.onednn_enabled() is not True:
         return False
-    return _fused_training_input(x, feature_axes, epsilon, mask)
+    if not _fused_training_input(x, feature_axes, epsilon, mask):
+        return False
+    return x.shape.num_elements() >= _FUSED_TRAINING_MIN_ELEMENTS
+
+
+# Below this many input elements a oneDNN training step keeps our inline ops:
+# oneDNN's batch-norm op and its gradient cost about 0.2 ms each per call
+# whatever the size, more than our ops take on a small input. One layer's
+# training step with relu (2-core AVX-512 EPYC, 30 interleaved rounds, ms,
+# fused op / our ops / Keras' BN + relu): 4×1×1×960 0.86 / 0.47 / 0.50,
+# 8×8×8×128 (65536) 1.06 / 0.76 / 0.81, 16×4×4×320 (81920) 0.86 / 0.77 / 0.92,
+# 4×16×16×80 (81920) 1.14 / 0.92 / 1.25, 8×8×8×192 (98304) 0.97 / 1.05 / 1.31,
+# 32×6×6×96 (110592) 0.95 / 1.24 / 1.48, 16×16×16×128 2.10 / 2.89 / 3.39.
+# With the op at every size, MobileNetV2 at batch 4 and 32×32 (every input
+# under 2^15 elements) trained at 0.80× Keras' speed
+# (`benchmarks.model_layers`).
+_FUSED_TRAINING_MIN_ELEMENTS = 96 * 1024
 
 
 def _tensorflow_fused_training(x, gamma, beta, epsilon):
