@@ -56,7 +56,8 @@ def test_a_wider_confidence_gives_a_wider_interval():
 @pytest.mark.parametrize(
     "numerator, denominator, kwargs, named",
     [
-        ([], [1.0], {}, "`numerator`"),
+        ([], [1.0], {}, "numerator has none"),
+        ([1.0], [], {}, "denominator has none"),
         ([1.0], [0.0], {}, "positive and finite"),
         ([1.0], [float("nan")], {}, "positive and finite"),
         ([1.0, 2.0], [1.0], {"paired": True}, "`paired`"),
@@ -113,10 +114,13 @@ def test_bootstrap_resamples_the_rounds_of_every_series_together():
     [
         ((), {}, "at least one series"),
         (([1.0, 2.0], [1.0]), {}, "same length"),
-        (([1.0], []), {}, "series 1"),
+        (([1.0], []), {}, "series 1 has none"),
+        (([], [1.0]), {}, "series 0 has none"),
+        (([[1.0, 2.0]],), {}, "one-dimensional"),
         (([1.0], [-1.0]), {}, "positive and finite"),
         (([1.0],), {"confidence": 0.0}, "`confidence`"),
         (([1.0],), {"resamples": 0}, "`resamples`"),
+        (([1.0],), {"resamples": 2.5}, "`resamples`"),
     ],
 )
 def test_bootstrap_refuses_bad_series_by_name(series, kwargs, named):
@@ -124,15 +128,25 @@ def test_bootstrap_refuses_bad_series_by_name(series, kwargs, named):
         timing.bootstrap_interval(lambda *s: 1.0, *series, **kwargs)
 
 
-def test_bootstrap_refuses_a_statistic_never_finite():
-    with pytest.raises(ValueError, match="not finite"):
+def test_bootstrap_refuses_a_statistic_not_finite_on_some_resample():
+    with pytest.raises(ValueError, match="not finite on 2000 of 2000"):
         timing.bootstrap_interval(lambda s: float("nan"), [1.0, 2.0])
 
+    def inverse_spread(s):
+        return 1.0 / (np.max(s) - np.min(s))  # infinite when a resample repeats one round
 
-def test_block_takes_cpu_tensors_as_views_and_skips_plain_values():
+    with pytest.raises(ValueError, match="not finite on"):
+        timing.bootstrap_interval(inverse_spread, [1.0, 2.0, 3.0])
+
+
+def test_block_makes_no_op_for_cpu_tensors_and_skips_plain_values(monkeypatch):
     import tensorflow as tf
 
-    tensor = tf.ones([64, 64])
-    assert "device:CPU:" in tensor.device
-    assert np.shares_memory(np.asarray(tensor), np.asarray(tensor))  # a view, no copy
-    timing.block([tensor, None, 3.0, (tf.constant(2.0), np.zeros(2))])
+    def no_op(*args, **kwargs):
+        raise AssertionError("block ran an op on a CPU result")
+
+    dense = tf.ones([64, 64])
+    sparse = tf.sparse.from_dense(tf.eye(3))
+    ragged = tf.ragged.constant([[1.0], [2.0, 3.0]])
+    monkeypatch.setattr(tf, "reshape", no_op)
+    timing.block([dense, None, 3.0, (tf.constant(2.0), np.zeros(2)), sparse, ragged])

@@ -2,8 +2,9 @@
 
 With oneDNN on, a `BatchNorm` training call on a float32 NHWC input of a shape
 known while tracing runs inline in the caller's graph, as TensorFlow's
-`FusedBatchNormV3` op with its gradient `FusedBatchNormGradV3`. These tests
-check that the op is there exactly where it applies, and that outputs,
+`FusedBatchNormV3` op with its gradient `FusedBatchNormGradV3`, from 96 Ki
+elements (below, oneDNN's op costs more per call than our ops take). These
+tests check that the op is there exactly where it applies, and that outputs,
 gradients and moving statistics equal a float64 formula and Keras' layers
 (with the activation as a layer of its own) either way. The value tests take
 that path whatever TensorFlow's setting (`onednn_reported_on`): with oneDNN
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn import kernels
-from kerasbn.kernels import tf_internals
+from kerasbn.kernels import batch_norm, tf_internals
 from graph_inspection import graph_op_types, training_step, training_step_op_types
 from references import batch_norm_formula, moving_average_formula
 
@@ -164,7 +165,7 @@ def test_other_training_calls_keep_our_kernels(onednn_reported_on, make, shape, 
     assert not types & {FUSED_OP, FUSED_GRADIENT_OP}, why
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (16, 8, 8, 1024)])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (16, 8, 8, 256), (16, 8, 8, 1024)])
 def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
     """TensorFlow's setting decides: oneDNN's kernel trained whole models
     faster from 96 Ki elements; TensorFlow's own kernel, with oneDNN off, did
@@ -177,8 +178,9 @@ def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
     layer = kerasbn.BatchNorm()
     layer.build(shape)
     types = training_step_op_types(layer, shape)
+    worth_the_op = bool(np.prod(shape) >= batch_norm._FUSED_TRAINING_MIN_ELEMENTS)
+    assert (FUSED_OP in types) is (worth_the_op and bool(onednn)), types
     large = bool(np.prod(shape) >= kernels.get_xla_policy()["min_elements"])
-    assert (FUSED_OP in types) is (large and bool(onednn)), types
     assert any("PartitionedCall" in t for t in types) is (large and not onednn), types
 
 
@@ -202,6 +204,20 @@ def test_oneDNN_takes_the_fused_op_from_96_ki_elements(onednn_reported_on_at_its
     assert (FUSED_GRADIENT_OP in types) is fused, types
     # Either way inline in the step: no program call of ours.
     assert not any("PartitionedCall" in t for t in types), types
+
+
+def test_under_the_threshold_the_xla_policy_decides_as_without_onednn(
+    onednn_reported_on_at_its_threshold,
+):
+    """`min_elements=0` compiles every size: a small input goes to our XLA
+    programs, a large one stays TensorFlow's fused op, inline."""
+    with kernels.xla_policy(min_elements=0):
+        for shape, fused in (((8, 8, 8, 128), False), ((8, 8, 8, 192), True)):
+            layer = kerasbn.BatchNorm()
+            layer.build(shape)
+            types = training_step_op_types(layer, shape)
+            assert (FUSED_OP in types) is fused, (shape, types)
+            assert any("PartitionedCall" in t for t in types) is (not fused), (shape, types)
 
 
 def test_under_the_threshold_a_step_equals_keras(onednn_reported_on_at_its_threshold, rng):

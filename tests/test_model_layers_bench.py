@@ -17,8 +17,10 @@ def test_the_prediction_and_the_fraction_needed_invert_each_other():
     # Free normalization reaches the floor; Keras' own cost gives Keras' speed.
     assert model_layers.predicted_speedup(floor_ratio, 0.0) == pytest.approx(floor_ratio)
     assert model_layers.predicted_speedup(floor_ratio, 1.0) == pytest.approx(1.0)
-    # Beyond the floor no fraction will do.
+    # Beyond the floor no fraction will do; without a floor gain, nothing to predict.
     assert model_layers.fraction_needed(floor_ratio, 1.8) < 0
+    assert model_layers.fraction_needed(1.0, 1.15) is None
+    assert model_layers.fraction_needed(0.97, 1.15) is None
 
 
 def test_the_cost_fraction_subtracts_what_the_activation_costs_alone():
@@ -26,6 +28,8 @@ def test_the_cost_fraction_subtracts_what_the_activation_costs_alone():
     keras = activation + 3.0
     ours = activation + 1.2
     assert model_layers.cost_fraction(keras, ours, activation) == pytest.approx(0.4)
+    # Keras' normalization free or faster than the activation alone: no fraction.
+    assert np.isnan(model_layers.cost_fraction(activation, ours, activation))
 
 
 def test_the_model_inputs_are_every_normalization_with_its_fused_activation():
@@ -88,15 +92,24 @@ def test_quick_run_writes_the_summary_and_one_row_per_input(tmp_path):
     assert re.fullmatch(r"-?[\d.]+", row[5]), row  # one round: no interval
     assert re.fullmatch(r"[\d.]+×", row[6]) and re.fullmatch(r"[\d.]+×", row[7]), row
     assert re.fullmatch(r"[\d.]+×", row[8]), row
-    assert re.fullmatch(r"≥ 1\.3×: p ≤ -?[\d.]+", row[9]), row
+    assert re.fullmatch(r"≥ 1\.3×: (p ≤ [\d.]+|out of reach \(floor [\d.]+×\))", row[9]), row
     detail_header, detail = _rows(text, "input, activation")
     assert [r[0] for r in detail] == [i.label for i in inputs]
     assert all(len(r) == len(detail_header) for r in detail)
 
 
-def test_bad_options_are_refused(capsys):
+@pytest.mark.parametrize("module", [model_layers, models])
+def test_bad_options_are_refused_before_any_timing(capsys, module):
     with pytest.raises(SystemExit):
-        model_layers.main(["--models", "NoSuchNet"])
+        module.main(["--models", "NoSuchNet"])
     assert "--models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        model_layers.main(["--rounds", "0"])
+        module.main(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
+
+
+def test_the_needed_fraction_reads_out_of_reach_past_the_floor():
+    assert model_layers._needed_text(1.2, 1.3) == "≥ 1.3×: out of reach (floor 1.20×)"
+    assert model_layers._needed_text(2.0, 1.25) == "≥ 1.25×: p ≤ 0.60"
+    assert model_layers._needed_text(0.98, 1.15).endswith("n/a (floor not faster than Keras)")
+    assert model_layers._needed_text(1.5, None) == "n/a"

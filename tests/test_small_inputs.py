@@ -93,8 +93,8 @@ def test_plain_sums_stay_exact_at_a_large_mean(rng):
     np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-6)
 
 
-# BatchNorm on a rank-2 input: under oneDNN, on float32 NHWC, it is
-# TensorFlow's fused op (test_fused_training.py).
+# BatchNorm on a rank-2 input: under oneDNN, float32 NHWC inputs of 96 Ki
+# elements and more are TensorFlow's fused op (test_fused_training.py).
 @pytest.mark.parametrize("name, shape", [("BatchNorm", (8, 36)), ("GroupNorm", (8, 3, 3, 4))])
 def test_a_graph_run_without_xla_sums_with_reduce_sum(name, shape):
     layer = OURS[name][0]()
@@ -136,9 +136,16 @@ def test_eager_training_call_without_a_tape_equals_the_traced_call(rng):
     np.testing.assert_allclose(y_eager.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(KERAS))
-def test_inline_call_serves_a_persistent_tape_twice_and_counts_its_graph_ops(rng, name):
+@pytest.mark.parametrize(
+    "name, fused_op", [(name, False) for name in sorted(KERAS)] + [("BatchNorm", True)]
+)
+def test_inline_call_serves_a_persistent_tape_twice_and_counts_its_graph_ops(
+    request, rng, name, fused_op
+):
     """The inline backward asks the forward's own tape, not a re-traced kernel.
+
+    `fused_op`: the path of a oneDNN BatchNorm on a large input, TensorFlow's
+    fused op (here at this small size, `onednn_reported_on`).
 
     A persistent outer tape asks for the same gradient twice: both answers
     equal Keras'. The backward does not compute the statistics again: the
@@ -172,11 +179,16 @@ def test_inline_call_serves_a_persistent_tape_twice_and_counts_its_graph_ops(rng
     def op_types(graph, start):
         return collections.Counter(op.type for op in graph.get_operations()[start:])
 
+    if fused_op:
+        request.getfixturevalue("onednn_reported_on")
     first, second = twice(OURS[name][0]())
-    # Our ops whatever oneDNN: an input this small never takes TensorFlow's
-    # fused op (test_fused_training.py).
-    assert counts["forward"]["Rsqrt"] == 1, counts
-    assert counts["backward"]["Rsqrt"] == 0, counts
+    if fused_op:
+        assert counts["forward"]["FusedBatchNormV3"] == 1, counts
+        assert counts["backward"]["FusedBatchNormGradV3"] == 1, counts
+        assert counts["backward"]["FusedBatchNormV3"] == 0, counts
+    else:  # our ops whatever oneDNN: an input this small never takes the fused op
+        assert counts["forward"]["Rsqrt"] == 1, counts
+        assert counts["backward"]["Rsqrt"] == 0, counts
     assert sum(counts["backward"].values()) < 2 * sum(counts["forward"].values()), counts
     keras_first, _ = twice(KERAS[name]())
     for mine, again, want in zip(first, second, keras_first):

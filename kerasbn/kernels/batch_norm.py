@@ -74,11 +74,24 @@ def _fused_training_input(x, feature_axes, epsilon, mask):
     return x.shape.num_elements() // x.shape[3] >= 2
 
 
+def _onednn_fused_training(x, feature_axes, epsilon, mask):
+    """With oneDNN on, whether a training call on `x` is worth its fused op:
+    an input `_fused_training_input` accepts, of at least
+    `_FUSED_TRAINING_MIN_ELEMENTS` elements."""
+    return (
+        tf_internals.onednn_enabled() is True
+        and _fused_training_input(x, feature_axes, epsilon, mask)
+        and x.shape.num_elements() >= _FUSED_TRAINING_MIN_ELEMENTS
+    )
+
+
 def _inline_under_onednn(
     x, gamma, beta, moving_mean, moving_variance, mask=None, *, epsilon, feature_axes, **_
 ):
-    """`Kernel`'s `inline_when`: with oneDNN on, every input the fused op takes,
-    whatever the XLA policy's `min_elements` or the layer's `jit_compile`.
+    """`Kernel`'s `inline_when`: with oneDNN on, every input that trains with
+    the fused op (`_onednn_fused_training`), whatever the XLA policy's
+    `min_elements` or the layer's `jit_compile`. Smaller inputs follow the
+    policy, as with oneDNN off.
 
     oneDNN's batch-norm kernel beat our XLA programs in whole models too
     (2-core AVX-512 EPYC, Keras ÷ ours, interleaved, inputs from 2^20 elements
@@ -87,9 +100,7 @@ def _inline_under_onednn(
     1.02, EfficientNetB0 1.29 / 1.06).
     """
     del gamma, beta, moving_mean, moving_variance  # `batch_norm_train`'s signature
-    return tf_internals.onednn_enabled() is True and _fused_training_input(
-        x, feature_axes, epsilon, mask
-    )
+    return _onednn_fused_training(x, feature_axes, epsilon, mask)
 
 
 @kernel(inline_when=_inline_under_onednn)
@@ -237,9 +248,9 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     -BF16, AVX-VNNI or AMX), in a graph TensorFlow runs op by op (not built
     for XLA, where our own kernel fuses with its neighbours), with the
     hand-derived first-order gradient wanted (not
-    `differentiable_statistics()`), for the inputs `_fused_training_input`
-    accepts with at least `_FUSED_TRAINING_MIN_ELEMENTS` elements. There
-    oneDNN's kernel is one pass each way where our ops are a dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
+    `differentiable_statistics()`), for the inputs `_onednn_fused_training`
+    takes. There oneDNN's kernel is one pass each way where our ops are a
+    dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
     with fused activations, one process, interleaved: MobileNetV2 1.25 ->
     1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 -> 1.13, DenseNet121
     1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel was faster per
@@ -251,24 +262,22 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     """
     if built_for_xla() or statistics_are_differentiable():
         return False
-    if tf_internals.onednn_enabled() is not True:
-        return False
-    if not _fused_training_input(x, feature_axes, epsilon, mask):
-        return False
-    return x.shape.num_elements() >= _FUSED_TRAINING_MIN_ELEMENTS
+    return _onednn_fused_training(x, feature_axes, epsilon, mask)
 
 
-# Below this many input elements a oneDNN training step keeps our inline ops:
-# oneDNN's batch-norm op and its gradient cost about 0.2 ms each per call
-# whatever the size, more than our ops take on a small input. One layer's
-# training step with relu (2-core AVX-512 EPYC, 30 interleaved rounds, ms,
-# fused op / our ops / Keras' BN + relu): 4×1×1×960 0.86 / 0.47 / 0.50,
-# 8×8×8×128 (65536) 1.06 / 0.76 / 0.81, 16×4×4×320 (81920) 0.86 / 0.77 / 0.92,
-# 4×16×16×80 (81920) 1.14 / 0.92 / 1.25, 8×8×8×192 (98304) 0.97 / 1.05 / 1.31,
+# Below this many input elements a oneDNN training step keeps our own ops
+# (inline under the default XLA policy): oneDNN's batch-norm op and its
+# gradient cost about 0.2 ms each per call whatever the size, more than our
+# ops take on a small input. One layer's training step with relu (2-core
+# AVX-512 EPYC, 30 interleaved rounds, ms, fused op / our inline ops /
+# Keras' BN + relu): 4×1×1×960 0.86 / 0.47 / 0.50, 8×8×8×128 (65536)
+# 1.06 / 0.76 / 0.81, 16×4×4×320 (81920) 0.86 / 0.77 / 0.92, 4×16×16×80
+# (81920) 1.14 / 0.92 / 1.25, 8×8×8×192 (98304) 0.97 / 1.05 / 1.31,
 # 32×6×6×96 (110592) 0.95 / 1.24 / 1.48, 16×16×16×128 2.10 / 2.89 / 3.39.
-# With the op at every size, MobileNetV2 at batch 4 and 32×32 (every input
-# under 2^15 elements) trained at 0.80× Keras' speed
-# (`benchmarks.model_layers`).
+# With the op at every size, MobileNetV2 at batch 4 and 32×32 (inputs of
+# 256 to 98,304 elements, all but one under this threshold) trained at 0.86×
+# Keras' speed, with the threshold at 1.10× (docs/benchmarks.md, "Layer by
+# layer").
 _FUSED_TRAINING_MIN_ELEMENTS = 96 * 1024
 
 

@@ -86,9 +86,9 @@ def set_xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
         never compiled: their training calls run plain ops, inline in the
         caller's graph when the shape is known while tracing. 0 lets every
         size compile (except a `BatchNorm` under oneDNN, whose float32 NHWC
-        inputs of a shape known while tracing run inline: TensorFlow's fused
-        op from 96 Ki elements, our plain ops below; docs/xla.md).
-        `ValueError` if negative or not an int.
+        inputs of at least 96 Ki elements and a shape known while tracing run
+        TensorFlow's fused op inline: docs/xla.md). `ValueError` if negative
+        or not an int.
 
     Graphs already traced keep the policy they were traced with.
     """

@@ -28,8 +28,9 @@ from kerasbn import kernels  # noqa: E402
 from kerasbn.kernels import tf_internals  # noqa: E402
 
 # The policy counted here is our XLA programs'. With oneDNN on, a BatchNorm on
-# float32 NHWC runs TensorFlow's fused op instead, at every size, and compiles
-# nothing (tests/test_fused_training.py): the worker takes the oneDNN-off path.
+# float32 NHWC of at least 96 Ki elements runs TensorFlow's fused op instead
+# and compiles nothing (tests/test_fused_training.py): the worker takes the
+# oneDNN-off path.
 tf_internals._IS_MKL_ENABLED = lambda: False
 
 WARMUP = 3
