@@ -145,10 +145,11 @@ def time_layers(inputs, *, rounds, warmup):
 
 
 def cost_fraction(keras_total, ours_total, activation_total):
-    """`p = (O − A) / (K − A)` from per-round totals (medians over rounds)."""
+    """`p = (O − A) / (K − A)` from per-round times or totals (medians over
+    rounds); NaN when Keras' normalization costs nothing measurable (K ≤ A)."""
     keras_cost = np.median(keras_total) - np.median(activation_total)
     ours_cost = np.median(ours_total) - np.median(activation_total)
-    return ours_cost / keras_cost
+    return float(ours_cost / keras_cost) if keras_cost > 0 else float("nan")
 
 
 def predicted_speedup(floor_ratio, fraction):
@@ -157,7 +158,11 @@ def predicted_speedup(floor_ratio, fraction):
 
 
 def fraction_needed(floor_ratio, target):
-    """The largest `p` with which `predicted_speedup` reaches `target` (≤ 0: out of reach)."""
+    """The largest `p` with which `predicted_speedup` reaches `target`: ≤ 0
+    when even free normalization (the floor) would not; None when the floor
+    is no faster than Keras (`floor_ratio` ≤ 1: nothing to predict from)."""
+    if floor_ratio <= 1.0:
+        return None
     return (floor_ratio / target - 1.0) / (floor_ratio - 1.0)
 
 
@@ -178,9 +183,12 @@ class ModelResult:
         `models.MIN_ROUNDS_FOR_INTERVAL` rounds."""
         if len(self.totals["keras"]) < models.MIN_ROUNDS_FOR_INTERVAL:
             return None
-        return bootstrap_interval(
-            cost_fraction, self.totals["keras"], self.totals["ours"], self.totals["activation"]
-        )
+        try:
+            return bootstrap_interval(
+                cost_fraction, self.totals["keras"], self.totals["ours"], self.totals["activation"]
+            )
+        except ValueError:  # K ≤ A in some resample: p has no interval worth the name
+            return None
 
     @property
     def floor_ratio(self):
@@ -192,9 +200,20 @@ def time_model(case, *, rounds, warmup):
     inputs = layer_inputs(case)
     totals, layer_cases = time_layers(inputs, rounds=rounds, warmup=warmup)
     whole = models.time_model(
-        case, step_kinds=("plain",), rounds=rounds, warmup=warmup, variants=WHOLE_VARIANTS
+        case, step_kinds=("plain",), rounds=rounds, warmup=warmup, variants=WHOLE_VARIANTS, predict=False
     )
     return ModelResult(case, inputs, totals, layer_cases, whole)
+
+
+def _needed_text(floor_ratio, target):
+    if target is None:
+        return "n/a"
+    needed = fraction_needed(floor_ratio, target)
+    if needed is None:
+        return f"≥ {target}×: n/a (floor not faster than Keras)"
+    if needed <= 0:
+        return f"≥ {target}×: out of reach (floor {floor_ratio:.2f}×)"
+    return f"≥ {target}×: p ≤ {needed:.2f}"
 
 
 def _ms(seconds):
@@ -219,7 +238,7 @@ def summary_table(results):
         ours_case = result.whole[("plain", "kerasbn_fused")]
         floor_ratio = result.floor_ratio
         target = models.TARGETS.get(result.case.name, {}).get("kerasbn_fused")
-        needed = "n/a" if target is None else f"≥ {target}×: p ≤ {fraction_needed(floor_ratio, target):.2f}"
+        needed = _needed_text(floor_ratio, target)
         layers = sum(layer_input.count for layer_input in result.inputs)
         lines.append(
             f"| {result.case.label} | {layers} ({len(result.inputs)}) "
@@ -241,9 +260,9 @@ def detail_table(result):
         "|---" * 6 + "|",
     ]
     for layer_input in result.inputs:
-        medians = {kind: result.layer_cases[(layer_input, kind)].median for kind in KINDS}
-        keras_cost = medians["keras"] - medians["activation"]
-        fraction = (medians["ours"] - medians["activation"]) / keras_cost if keras_cost > 0 else float("nan")
+        samples = {kind: result.layer_cases[(layer_input, kind)].samples for kind in KINDS}
+        medians = {kind: np.median(samples[kind]) for kind in KINDS}
+        fraction = cost_fraction(samples["keras"], samples["ours"], samples["activation"])
         lines.append(
             f"| {layer_input.label} | {layer_input.count} | "
             + " | ".join(f"{medians[kind] * 1e3:.3f} ms" for kind in KINDS)
@@ -289,17 +308,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 16)")
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results_model_layers.md)")
     args = parser.parse_args(argv)
-    available = models.QUICK_MODELS if args.quick else models.MODELS
-    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 16)
-    if rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {rounds}")
-    selected = available
-    if args.models:
-        wanted = args.models.split(",")
-        unknown = set(wanted) - {case.name for case in available}
-        if unknown:
-            parser.error(f"--models: unknown {sorted(unknown)}; choose from {[c.name for c in available]}")
-        selected = tuple(case for case in available if case.name in wanted)
+    selected, rounds = models.selected_models(parser, args, default_rounds=16)
     warmup = models.WARMUP_CALLS + 1
     results = []
     # Restored afterwards: a caller in the same process (the tests) keeps its policy.

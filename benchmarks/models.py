@@ -129,8 +129,9 @@ def data(case, seed=0):
     return x, y
 
 
-def time_model(case, *, step_kinds, rounds, warmup, variants=VARIANTS):
-    """`{(kind, variant): Case}` for kind in step_kinds (+ "predict"), timed interleaved.
+def time_model(case, *, step_kinds, rounds, warmup, variants=VARIANTS, predict=True):
+    """`{(kind, variant): Case}` for kind in step_kinds (+ "predict" when
+    `predict` and "plain" is among them), timed interleaved.
 
     All variants of one step kind are built, compiled and warmed up, then
     timed together; then the next kind (so at most four models live at once).
@@ -151,12 +152,12 @@ def time_model(case, *, step_kinds, rounds, warmup, variants=VARIANTS):
                 model.train_on_batch(x, y)
 
             cases[(kind, variant)] = Case(f"{TITLES[variant]}, {kind}", train)
-            if kind == "plain":
+            if kind == "plain" and predict:
 
-                def predict(model=model):
+                def predict_step(model=model):
                     model.predict_on_batch(x)
 
-                cases[("predict", variant)] = Case(f"{TITLES[variant]}, predict", predict)
+                cases[("predict", variant)] = Case(f"{TITLES[variant]}, predict", predict_step)
         measure(list(cases.values()), warmup=warmup, rounds=rounds, calls_per_round=1)
         results.update(cases)
     return results
@@ -286,6 +287,22 @@ def render(results_by_model, step_kinds, settings):
     return "\n".join(lines) + "\n"
 
 
+def selected_models(parser, args, *, default_rounds):
+    """`(models, rounds)` from `--quick`, `--models` and `--rounds` (1 round
+    by default with `--quick`); `parser.error` names a bad option."""
+    available = QUICK_MODELS if args.quick else MODELS
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else default_rounds)
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {rounds}")
+    if not args.models:
+        return available, rounds
+    wanted = args.models.split(",")
+    unknown = set(wanted) - {case.name for case in available}
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {[c.name for c in available]}")
+    return tuple(case for case in available if case.name in wanted), rounds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small model, plain step, 1 round")
@@ -295,16 +312,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results_models.md)")
     args = parser.parse_args(argv)
-    if args.quick:
-        models, step_kinds, rounds, warmup = QUICK_MODELS, ("plain",), args.rounds or 1, WARMUP_CALLS + 1
-    else:
-        models, step_kinds, rounds, warmup = MODELS, STEP_KINDS, args.rounds or 6, WARMUP_CALLS + 1
-    if args.models:
-        wanted = args.models.split(",")
-        unknown = set(wanted) - {case.name for case in models}
-        if unknown:
-            parser.error(f"--models: unknown {sorted(unknown)}; choose from {[c.name for c in models]}")
-        models = tuple(case for case in models if case.name in wanted)
+    models, rounds = selected_models(parser, args, default_rounds=6)
+    step_kinds = ("plain",) if args.quick else STEP_KINDS
+    warmup = WARMUP_CALLS + 1
     if args.steps:
         step_kinds = tuple(args.steps.split(","))
         if set(step_kinds) - set(STEP_KINDS):

@@ -26,7 +26,7 @@ def block(result):
     """
     import tensorflow as tf
 
-    for tensor in tf.nest.flatten(result):
+    for tensor in tf.nest.flatten(result, expand_composites=True):
         if not tf.is_tensor(tensor):  # None, a Python or NumPy value: already there
             continue
         if tensor.shape.rank and "device:CPU:" not in tensor.device:
@@ -105,17 +105,17 @@ def bootstrap_interval(statistic, *series, confidence=0.9, resamples=2000, seed=
     `measure(..., calls_per_round=1)`, or per-round sums of such durations:
     sample i of every series comes from round i, so the rounds are resampled
     as a whole, as `ratio_interval(paired=True)` does for two. `statistic`
-    takes as many arrays and returns a float (non-finite results of a
-    resample are dropped).
+    takes as many arrays and returns a float.
 
     Returns `(low, high)`, the central `confidence` share of the resampled
     statistics.
 
     Raises:
-      ValueError: no series, a series without samples or with a sample that
-        is not a positive finite duration, series of different lengths,
-        `confidence` outside (0, 1), `resamples` below 1, or no resample with
-        a finite statistic.
+      ValueError: no series, a series without samples, not one-dimensional
+        or with a sample that is not a positive finite duration, series of
+        different lengths, `confidence` outside (0, 1), `resamples` not an
+        int of at least 1, or a resample where `statistic` is not finite
+        (the interval of such a statistic would mean nothing).
     """
     if not series:
         raise ValueError("bootstrap_interval: give at least one series of samples.")
@@ -129,10 +129,15 @@ def bootstrap_interval(statistic, *series, confidence=0.9, resamples=2000, seed=
     _check_bootstrap("bootstrap_interval", confidence, resamples)
     rng = np.random.default_rng(seed)
     rounds = rng.integers(0, lengths.pop(), size=(resamples, arrays[0].size))
-    values = np.array([statistic(*(array[picked] for array in arrays)) for picked in rounds], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        raise ValueError("bootstrap_interval: `statistic` was not finite on any resample.")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.array(
+            [statistic(*(array[picked] for array in arrays)) for picked in rounds], dtype=np.float64
+        )
+    failed = int(np.count_nonzero(~np.isfinite(values)))
+    if failed:
+        raise ValueError(
+            f"bootstrap_interval: `statistic` was not finite on {failed} of {resamples} resamples."
+        )
     return _central(values, confidence)
 
 
@@ -140,7 +145,9 @@ def _durations(caller, **named):
     """The named sample lists as float64 arrays: non-empty, positive and finite."""
     arrays = []
     for name, samples in named.items():
-        array = np.asarray(samples, dtype=np.float64).reshape(-1)
+        array = np.asarray(samples, dtype=np.float64)
+        if array.ndim != 1:
+            raise ValueError(f"{caller}: {name} must be one-dimensional, one sample per round.")
         if array.size == 0:
             names = " and ".join(f"`{n}`" for n in named)
             raise ValueError(f"{caller}: {names} need samples ({name} has none).")
@@ -153,8 +160,8 @@ def _durations(caller, **named):
 def _check_bootstrap(caller, confidence, resamples):
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"{caller}: `confidence` must be in (0, 1), got {confidence!r}.")
-    if resamples < 1:
-        raise ValueError(f"{caller}: `resamples` must be at least 1, got {resamples!r}.")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
+        raise ValueError(f"{caller}: `resamples` must be an int of at least 1, got {resamples!r}.")
 
 
 def _central(values, confidence):
