@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("keras", "kerasbn", "keras_gn", "kerasbn_gn")
 TITLES = {"keras": "Keras BN", "kerasbn": "kerasbn", "keras_gn": "Keras GN", "kerasbn_gn": "kerasbn GN"}
@@ -196,10 +198,7 @@ def main(argv=None):
         parser.error("--repeats must be >= 1")
     results = measure(repeats=args.repeats)
     text = render(results, args.repeats)
-    with open(args.output, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {args.output}")
+    report.write(text, args.output)
     return 0
 
 

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kerasbn  # noqa: E402
-from benchmarks import models, platform_info  # noqa: E402
+from benchmarks import models, platform_info, report  # noqa: E402
 from benchmarks.timing import Case, bootstrap_interval, measure  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,11 +318,7 @@ def main(argv=None):
             results.append(time_model(case, rounds=rounds, warmup=warmup))
     settings = dict(rounds=rounds, warmup=warmup, argv=" ".join(argv if argv is not None else sys.argv[1:]))
     text = render(results, settings)
-    output = args.output or DEFAULT_OUTPUT
-    with open(output, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {output}")
+    report.write(text, args.output or DEFAULT_OUTPUT)
     return 0
 
 

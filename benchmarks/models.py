@@ -40,7 +40,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kerasbn  # noqa: E402
-from benchmarks import platform_info  # noqa: E402
+from benchmarks import platform_info, report  # noqa: E402
 from benchmarks.timing import Case, measure, ratio_interval  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,11 +334,7 @@ def main(argv=None):
             )
     settings = dict(rounds=rounds, warmup=warmup, argv=" ".join(argv if argv is not None else sys.argv[1:]))
     text = render(results, step_kinds, settings)
-    output = args.output or DEFAULT_OUTPUT
-    with open(output, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {output}")
+    report.write(text, args.output or DEFAULT_OUTPUT)
     return 0
 
 

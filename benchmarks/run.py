@@ -30,7 +30,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 from benchmarks import cases as C  # noqa: E402
-from benchmarks import peak_memory, platform_info  # noqa: E402
+from benchmarks import peak_memory, platform_info, report  # noqa: E402
 from benchmarks.timing import Case, measure  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,11 +416,7 @@ def _main(argv=None):
         print(f"peak memory on {memory_shape.label} ...", flush=True)
         memory = measure_memory(keys, memory_shape)
     text = render(results, shapes, specs, memory, memory_shape, settings)
-    output = args.output or DEFAULT_OUTPUT
-    with open(output, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {output}")
+    report.write(text, args.output or DEFAULT_OUTPUT)
     return 0
 
 

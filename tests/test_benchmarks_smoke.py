@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from markdown_tables import table
 
 run = pytest.importorskip("benchmarks.run")
 cases = pytest.importorskip("benchmarks.cases")
@@ -17,22 +18,8 @@ def quick_results(tmp_path_factory):
     return output.read_text()
 
 
-def _table(text, header_start):
-    """Rows (lists of cells) of the markdown table whose header starts with `header_start`."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| " + header_start))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    header, separator, *body = rows
-    assert set(separator) == {"---"}
-    return header, body
-
-
 def test_training_table_has_every_layer_and_shape_with_floor_ratios(quick_results):
-    header, body = _table(quick_results, "training step")
+    header, body = table(quick_results, "training step")
     assert header[1:] == [shape.label for shape in cases.QUICK_SHAPES]
     titles = [row[0] for row in body]
     assert run.COPY in titles
@@ -46,7 +33,7 @@ def test_training_table_has_every_layer_and_shape_with_floor_ratios(quick_result
 
 def test_ratio_tables_compare_ours_with_each_anchor(quick_results):
     for kind in ("training", "inference"):
-        header, body = _table(quick_results, f"speed-up (anchor ÷ ours), {kind}")
+        header, body = table(quick_results, f"speed-up (anchor ÷ ours), {kind}")
         labels = [row[0] for row in body]
         assert "tf_keras fused BN ÷ ours BN" in labels
         assert "Keras 3 BN, jit ÷ ours BN, jit" in labels
@@ -57,11 +44,11 @@ def test_ratio_tables_compare_ours_with_each_anchor(quick_results):
 
 
 def test_inference_compile_memory_and_targets_are_reported(quick_results):
-    header, body = _table(quick_results, "inference")
+    header, body = table(quick_results, "inference")
     assert run.AFFINE in [row[0] for row in body]
-    _, compile_rows = _table(quick_results, "first call − steady call")
+    _, compile_rows = table(quick_results, "first call − steady call")
     assert all(re.fullmatch(r"[\d.]+ / [\d.]+", cell) for row in compile_rows for cell in row[1:])
-    _, memory_rows = _table(quick_results, "training-step peak memory")
+    _, memory_rows = table(quick_results, "training-step peak memory")
     memory = {row[0]: row for row in memory_rows}
     assert set(memory) == {"ours BN", "tf_keras fused BN"}
     for row in memory.values():
@@ -99,7 +86,7 @@ def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
     output = tmp_path / "models.md"
     assert models.main(["--quick", "--variants", "keras,kerasbn_fused", "--output", str(output)]) == 0
     text = output.read_text()
-    header, body = _table(text, "model, batch, input")
+    header, body = table(text, "model, batch, input")
     assert header[2:6] == [models.TITLES[v] for v in models.VARIANTS]
     kinds = [row[1] for row in body]
     assert kinds == ["plain", "predict"]
@@ -143,7 +130,7 @@ def test_first_calls_tables_report_medians_ratios_and_verdicts():
         for case in first_calls.CASES
         for variant, seconds in zip(first_calls.VARIANTS, (10.0, 11.0, 20.0, 40.0))
     }
-    _, body = _table("\n".join(first_calls.table(results)), "new shapes")
+    _, body = table("\n".join(first_calls.table(results)), "new shapes")
     assert [row[1:] for row in body] == [["11.0 s", "12.0 s", "21.0 s", "41.0 s", "1.09×", "1.95×"]] * len(
         first_calls.CASES
     )

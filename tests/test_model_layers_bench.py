@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from markdown_tables import table
 
 model_layers = pytest.importorskip("benchmarks.model_layers")
 models = pytest.importorskip("benchmarks.models")
@@ -66,23 +67,12 @@ def test_an_unknown_kind_is_named():
         model_layers.layer_step("tf_keras", layer_input)
 
 
-def _rows(text, header_start):
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| " + header_start))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows[0], rows[2:]
-
-
 def test_quick_run_writes_the_summary_and_one_row_per_input(tmp_path):
     output = tmp_path / "layers.md"
     assert model_layers.main(["--quick", "--output", str(output)]) == 0
     text = output.read_text()
     assert "Machine: " in text and "oneDNN" in text
-    header, (row,) = _rows(text, "model, batch, input")
+    header, (row,) = table(text, "model, batch, input")
     assert len(row) == len(header) == 10
     case = models.QUICK_MODELS[0]
     inputs = model_layers.layer_inputs(case)
@@ -93,7 +83,7 @@ def test_quick_run_writes_the_summary_and_one_row_per_input(tmp_path):
     assert re.fullmatch(r"[\d.]+×", row[6]) and re.fullmatch(r"[\d.]+×", row[7]), row
     assert re.fullmatch(r"[\d.]+×", row[8]), row
     assert re.fullmatch(r"≥ 1\.3×: (p ≤ [\d.]+|out of reach \(floor [\d.]+×\))", row[9]), row
-    detail_header, detail = _rows(text, "input, activation")
+    detail_header, detail = table(text, "input, activation")
     assert [r[0] for r in detail] == [i.label for i in inputs]
     assert all(len(r) == len(detail_header) for r in detail)
 

@@ -1,0 +1,16 @@
+"""Reading the markdown tables the benchmarks write."""
+
+
+def table(text, header_start):
+    """`(header, rows)` of the first markdown table in `text` whose header
+    starts with `header_start`; each row a list of stripped cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| " + header_start))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, separator, *body = rows
+    assert set(separator) == {"---"}, separator
+    return header, body
