@@ -273,7 +273,8 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
 # Keras' BN + relu): 4×1×1×960 0.86 / 0.47 / 0.50, 8×8×8×128 (65536)
 # 1.06 / 0.76 / 0.81, 16×4×4×320 (81920) 0.86 / 0.77 / 0.92, 4×16×16×80
 # (81920) 1.14 / 0.92 / 1.25, 8×8×8×192 (98304) 0.97 / 1.05 / 1.31,
-# 32×6×6×96 (110592) 0.95 / 1.24 / 1.48, 16×16×16×128 2.10 / 2.89 / 3.39.
+# 32×6×6×96 (110592) 0.95 / 1.24 / 1.48; with relu6, 16×16×16×128 2.10 /
+# 2.89 / 3.39.
 # With the op at every size, MobileNetV2 at batch 4 and 32×32 (inputs of
 # 256 to 98,304 elements, all but one under this threshold) trained at 0.86×
 # Keras' speed, with the threshold at 1.10× (docs/benchmarks.md, "Layer by
