@@ -1,7 +1,7 @@
-"""Layer by layer: how far a model's own normalization layers can take its step.
+"""Layer by layer: what a model's own normalization layers predict for its step.
 
-A whole model's speed-up over Keras' BN is bounded by what its normalization
-layers cost, one by one. For each model of `benchmarks.models`, every distinct
+A whole model's speed-up over Keras' BN follows, closely in our runs, from
+what its normalization layers cost one by one (a prediction, not a bound). For each model of `benchmarks.models`, every distinct
 normalization input (shape, the activation fused after it, and how many layers
 of the model have it) is timed alone as one training step (forward, backward,
 loss `sum(y · w)`), three ways, interleaved in one process:

@@ -253,9 +253,10 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
     dozen. Measured on a 2-core AVX-512 EPYC, whole models, Keras ÷ ours
     with fused activations, one process, interleaved: MobileNetV2 1.25 ->
     1.41, EfficientNetB0 1.15 -> 1.21, ResNet50 1.08 -> 1.13, DenseNet121
-    1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel was faster per
-    layer but not in whole models (5 of 6 model and variant pairs 1-7%
-    slower, within noise), so our ops stay (docs/benchmarks.md, "oneDNN").
+    1.02 -> 1.17. With oneDNN off, TensorFlow's own kernel was faster than
+    ours at some mid-size inputs, slower summed over a model's inputs, and
+    no faster in whole models (5 of 6 model and variant pairs 1-7% slower,
+    within noise), so our ops stay (docs/benchmarks.md, "oneDNN").
     Its variance is two-pass, as ours (`moments`): at mean 1e4 and unit
     variance, relative error 4e-6 with oneDNN (7e-7 without), against 8e-7
     for ours (float64 reference).
@@ -267,7 +268,7 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
 
 # Below this many input elements a oneDNN training step keeps our own ops
 # (inline under the default XLA policy): oneDNN's batch-norm op and its
-# gradient cost about 0.2 ms each per call whatever the size, more than our
+# gradient have a fixed cost of about 0.2 ms each per call, more than our
 # ops take on a small input. One layer's training step with relu (2-core
 # AVX-512 EPYC, 30 interleaved rounds, ms, fused op / our inline ops /
 # Keras' BN + relu): 4×1×1×960 0.86 / 0.47 / 0.50, 8×8×8×128 (65536)
@@ -276,7 +277,7 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
 # 32×6×6×96 (110592) 0.95 / 1.24 / 1.48; with relu6, 16×16×16×128 2.10 /
 # 2.89 / 3.39.
 # With the op at every size, MobileNetV2 at batch 4 and 32×32 (inputs of
-# 256 to 98,304 elements, all but one under this threshold) trained at 0.86×
+# 640 to 98,304 elements, all but one under this threshold) trained at 0.86×
 # Keras' speed, with the threshold at 1.10× (docs/benchmarks.md, "Layer by
 # layer").
 _FUSED_TRAINING_MIN_ELEMENTS = 96 * 1024
