@@ -1,9 +1,10 @@
 """Layer by layer: what a model's own normalization layers predict for its step.
 
 A whole model's speed-up over Keras' BN follows, closely in our runs, from
-what its normalization layers cost one by one (a prediction, not a bound). For each model of `benchmarks.models`, every distinct
-normalization input (shape, the activation fused after it, and how many layers
-of the model have it) is timed alone as one training step (forward, backward,
+what its normalization layers cost one by one (a prediction, not a bound).
+For each model of `benchmarks.models`, every distinct normalization input
+(shape, the activation fused after it, and how many layers of the model
+have it) is timed alone as one training step (forward, backward,
 loss `sum(y · w)`), three ways, interleaved in one process:
 
 - "Keras BN": `keras.layers.BatchNormalization` followed by its activation
@@ -228,8 +229,9 @@ def _fraction_text(result):
 
 def summary_table(results):
     lines = [
-        "| model, batch, input | layers (distinct inputs) | Keras BN | kerasbn + act. "
-        "| activation alone | p = ours ÷ Keras' cost | Keras ÷ floor, whole model "
+        "| model, batch, input | layers (distinct inputs) | "
+        + " | ".join(TITLES[kind] for kind in KINDS)
+        + " | p = ours ÷ Keras' cost | Keras ÷ floor, whole model "
         "| predicted Keras ÷ ours | measured Keras ÷ ours | target: p needed |",
         "|---" * 10 + "|",
     ]
@@ -242,8 +244,7 @@ def summary_table(results):
         layers = sum(layer_input.count for layer_input in result.inputs)
         lines.append(
             f"| {result.case.label} | {layers} ({len(result.inputs)}) "
-            f"| {_ms(result.totals['keras'])} | {_ms(result.totals['ours'])} "
-            f"| {_ms(result.totals['activation'])} | {_fraction_text(result)} "
+            f"| {' | '.join(_ms(result.totals[kind]) for kind in KINDS)} | {_fraction_text(result)} "
             f"| {floor_ratio:.2f}× | {predicted_speedup(floor_ratio, result.fraction):.2f}× "
             f"| {models.speedup_with_interval(keras_case, ours_case)} | {needed} |"
         )
@@ -255,8 +256,9 @@ def detail_table(result):
     lines = [
         f"### {result.case.label}",
         "",
-        "| input, activation | layers | Keras BN | kerasbn + act. | activation alone "
-        "| ours ÷ Keras' cost |",
+        "| input, activation | layers | "
+        + " | ".join(TITLES[kind] for kind in KINDS)
+        + " | ours ÷ Keras' cost |",
         "|---" * 6 + "|",
     ]
     for layer_input in result.inputs:

@@ -77,9 +77,10 @@ def ratio_interval(numerator, denominator, *, paired, confidence=0.9, resamples=
     `low` is.
 
     Raises:
-      ValueError: a case without samples, a sample that is not a positive
-        finite duration, `paired` with different sample counts, `confidence`
-        outside (0, 1) or `resamples` below 1.
+      ValueError: a case without samples, not one-dimensional or with a
+        sample that is not a positive finite duration, `paired` with
+        different sample counts, `confidence` outside (0, 1) or `resamples`
+        not an int of at least 1.
     """
     numerator, denominator = _durations("ratio_interval", numerator=numerator, denominator=denominator)
     if paired and numerator.size != denominator.size:
@@ -120,15 +121,15 @@ def bootstrap_interval(statistic, *series, confidence=0.9, resamples=2000, seed=
     if not series:
         raise ValueError("bootstrap_interval: give at least one series of samples.")
     arrays = _durations("bootstrap_interval", **{f"series {i}": s for i, s in enumerate(series)})
-    lengths = {array.size for array in arrays}
-    if len(lengths) != 1:
+    count = arrays[0].size
+    if any(array.size != count for array in arrays):
         raise ValueError(
             f"bootstrap_interval: the series are rounds, resampled together: they need the "
             f"same length, got {sorted(array.size for array in arrays)}."
         )
     _check_bootstrap("bootstrap_interval", confidence, resamples)
     rng = np.random.default_rng(seed)
-    rounds = rng.integers(0, lengths.pop(), size=(resamples, arrays[0].size))
+    rounds = rng.integers(0, count, size=(resamples, count))
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.array(
             [statistic(*(array[picked] for array in arrays)) for picked in rounds], dtype=np.float64
