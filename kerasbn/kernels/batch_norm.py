@@ -277,9 +277,9 @@ def _tensorflow_fused_training_applies(x, feature_axes, epsilon, mask):
 # 32×6×6×96 (110592) 0.95 / 1.24 / 1.48; with relu6, 16×16×16×128 2.10 /
 # 2.89 / 3.39.
 # With the op at every size, MobileNetV2 at batch 4 and 32×32 (inputs of
-# 640 to 98,304 elements, all but one under this threshold) trained at 0.86×
-# Keras' speed, with the threshold at 1.10× (docs/benchmarks.md, "Layer by
-# layer").
+# 640 to 98,304 elements, all but one under this threshold) trained at
+# 0.85-0.86× Keras' speed, with the threshold at 0.99-1.10× (two runs;
+# docs/benchmarks.md, "Layer by layer").
 _FUSED_TRAINING_MIN_ELEMENTS = 96 * 1024
 
 
