@@ -55,7 +55,7 @@ $(BIN)/python:
 
 # Reinstall whenever the metadata, the version or the pinned versions change.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt kerasbn/_version.py
-	$(BIN)/python -m pip install -c constraints.txt -e ".[test,demo,tutorials]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[test,demo,tutorials,hub,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)
