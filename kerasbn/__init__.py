@@ -7,7 +7,7 @@ from kerasbn.backend_check import require_tensorflow_backend
 
 require_tensorflow_backend()
 
-from kerasbn.conversion import convert, to_keras  # noqa: E402
+from kerasbn.conversion import convert, layers_in_scope, to_keras  # noqa: E402
 from kerasbn.export import export_for_serving  # noqa: E402
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm  # noqa: E402
 from kerasbn.recalibration import LayerReport, recalibrate  # noqa: E402
@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "convert",
     "export_for_serving",
+    "layers_in_scope",
     "paper_renorm_clipping",
     "recalibrate",
     "to_keras",

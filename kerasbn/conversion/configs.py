@@ -51,7 +51,9 @@ _OUR_NO_OPS = {"moving_statistics": "batch"}
 
 def keras_renorm_supported():
     """Whether this Keras' BatchNormalization has `renorm` (Keras >= 3.14)."""
-    return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    from kerasbn.conversion.layer_kinds import KERAS_BATCH_NORM
+
+    return "renorm" in inspect.signature(KERAS_BATCH_NORM.__init__).parameters
 
 
 def read_keras_batch_norm(layer):

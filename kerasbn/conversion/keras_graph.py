@@ -50,3 +50,8 @@ def input_masks(layer):
 def nested_layers(layer):
     """All layers inside `layer` (recursively), itself excluded."""
     return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def all_layers(layer):
+    """`layer` and all layers inside it, parents before their children (tracking order)."""
+    return list(layer._flatten_layers(include_self=True, recursive=True))

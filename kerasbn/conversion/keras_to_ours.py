@@ -5,13 +5,16 @@ import numbers
 import keras
 import numpy as np
 
-from kerasbn.conversion import configs, weights
+from kerasbn.conversion import configs, keras_hub_models, scope, weights
 from kerasbn.conversion.fusion import fusion_pairs
 from kerasbn.conversion.layer_kinds import (
+    KERAS_BATCH_NORM,
+    KERAS_GROUP_NORM,
     KERAS_NORMALIZATIONS,
     OUR_NORMALIZATIONS,
     base_class,
 )
+from kerasbn.conversion.keras_named import named_like
 from kerasbn.conversion.rebuild import Rebuilder
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm, arguments
 from kerasbn.layers.group_norm import resolve_groups
@@ -157,6 +160,11 @@ class _Conversion(Rebuilder):
         self.fuse_activations = arguments.check_bool(fuse_activations, "fuse_activations")
         self.jit_compile = arguments.check_bool(jit_compile, "jit_compile")
         self.activations = {}  # id(normalization layer) -> fused activation name
+        # Batch norms converted to GroupNorm inside a KerasHub model's code, in
+        # the order it creates them, and the groups planned for each (None: `groups`).
+        self.created_group_norms = []
+        self.planned_groups = None
+        self.learning_channels = False
 
     # -- which layers --------------------------------------------------------
 
@@ -181,21 +189,22 @@ class _Conversion(Rebuilder):
 
     # -- the new layers -----------------------------------------------------
 
-    def replace(self, layer):
+    def replace(self, layer, groups=None):
+        """Our layer for `layer`, or None to copy it. `groups`: for a batch norm to GroupNorm."""
         activation = self.activations.get(id(layer))
         keras_kind = base_class(layer, KERAS_NORMALIZATIONS)
-        if keras_kind is keras.layers.GroupNormalization:
+        if keras_kind is KERAS_GROUP_NORM:
             config = configs.read_keras_group_norm(layer)
             return _create(GroupNorm, config, self.jit_compile, activation)
-        if keras_kind is keras.layers.BatchNormalization:
-            return self._from_batch_norm(layer, activation)
+        if keras_kind is KERAS_BATCH_NORM:
+            return self._from_batch_norm(layer, activation, groups)
         ours = base_class(layer, OUR_NORMALIZATIONS)
         if ours is not None and activation is not None:
             config = dict(layer.get_config(), activation=activation)
             return type(layer).from_config(config)
         return None
 
-    def _from_batch_norm(self, layer, activation):
+    def _from_batch_norm(self, layer, activation, groups):
         config, renorm = configs.read_keras_batch_norm(layer)
         target = self.batch_norm_to or (BatchRenorm if renorm else BatchNorm)
         if target is GroupNorm:
@@ -206,33 +215,90 @@ class _Conversion(Rebuilder):
                     "to GroupNorm would drop it. Convert it to BatchNorm or BatchRenorm."
                 )
             group_config = {key: config[key] for key in configs.GROUP_KEYS if key in config}
-            group_config["groups"] = self._groups_for(layer)
+            if groups is None:
+                groups = self._groups_for(layer.name, int(layer.moving_mean.shape[0]))
+            group_config["groups"] = groups
             return _create(GroupNorm, group_config, self.jit_compile, activation)
         if target is BatchRenorm:
             config.update(renorm or self.renorm_options)
         return _create(target, config, self.jit_compile, activation)
 
-    def _groups_for(self, layer):
-        channels = int(layer.moving_mean.shape[0])
+    def _groups_for(self, name, channels):
         groups = self.groups(channels) if callable(self.groups) else self.groups
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
             raise TypeError(
-                f"Argument `groups` returned {groups!r} for layer '{layer.name}' "
+                f"Argument `groups` returned {groups!r} for layer '{name}' "
                 f"({channels} channels); it must return an int."
             )
         try:
             resolve_groups(int(groups), channels)
         except ValueError as error:
             raise ValueError(
-                f"Cannot convert layer '{layer.name}' ({channels} channels) to "
+                f"Cannot convert layer '{name}' ({channels} channels) to "
                 f"kerasbn.GroupNorm: {error}"
             ) from None
         return int(groups)  # -1 stays -1 (one group per channel), as GroupNorm keeps it
 
+    # -- layers created by a KerasHub model's own code ------------------------
+
+    def create(self, keras_class, args, kwargs, freeze=False):
+        """The layer to create for `keras_class(*args, **kwargs)` (a scope's factory).
+
+        Our layer for the Keras layer those arguments make, as a subclass named
+        like `keras_class` (see `keras_named`), `trainable=False` if `freeze`.
+        """
+        keras_layer = keras_class(*args, **kwargs)
+        groups = None
+        to_group_norm = self.batch_norm_to is GroupNorm and not isinstance(
+            keras_layer, KERAS_GROUP_NORM
+        )
+        if to_group_norm:
+            # Unbuilt, so the channels are unknown: the planned groups; in a
+            # first build (to plan them), one group per channel; else the int given.
+            if self.planned_groups is not None:
+                groups = self.planned_groups[len(self.created_group_norms)]
+            else:
+                groups = -1 if self.learning_channels else self.groups
+        ours = self.replace(keras_layer, groups=groups)
+        layer = named_like(type(ours), keras_class).from_config(ours.get_config())
+        if to_group_norm:
+            self.created_group_norms.append(layer)
+        if freeze:
+            layer.trainable = False
+        return layer
+
+    def build_keras_hub_model(self, model):
+        if self.fuse_activations:
+            raise ValueError(
+                f"Argument `fuse_activations=True` cannot apply to the KerasHub model "
+                f"'{model.name}' ({type(model).__name__}): it is rebuilt by its own class, "
+                "which creates its activation layers. Received: fuse_activations=True"
+            )
+        self.planned_groups = None
+        if self.batch_norm_to is GroupNorm:
+            # The groups (a function of the channel count, or an int that must
+            # divide it) need each layer's channels, known once it is built:
+            # build once to learn them, check the groups, and build again.
+            self.created_group_norms, self.learning_channels = [], True
+            try:
+                with scope.creating_with(self.create):
+                    keras_hub_models.rebuilt(model)
+            finally:
+                self.learning_channels = False
+            self.planned_groups = [
+                self._groups_for(layer.name, _channels(layer)) for layer in self.created_group_norms
+            ]
+        self.created_group_norms = []
+        try:
+            with scope.creating_with(self.create):
+                return keras_hub_models.rebuilt(model)
+        finally:
+            self.planned_groups = None
+
     # -- weights and flags --------------------------------------------------
 
     def transfer_weights(self, original, clone):
-        if base_class(original, KERAS_NORMALIZATIONS) is not keras.layers.BatchNormalization:
+        if base_class(original, KERAS_NORMALIZATIONS) is not KERAS_BATCH_NORM:
             weights.transfer(original, clone)
             return
         keras_renorm = bool(getattr(original, "renorm", False))
@@ -252,6 +318,16 @@ class _Conversion(Rebuilder):
         if self.freeze and isinstance(clone, OUR_NORMALIZATIONS):
             return False
         return original.trainable
+
+
+def _channels(group_norm):
+    if not group_norm.built:
+        raise ValueError(
+            f"Layer '{group_norm.name}' of a KerasHub model is not built by the model's "
+            "constructor, so its channel count is unknown and `groups` cannot be a "
+            "function of it: pass an int."
+        )
+    return int(group_norm.input_spec.axes[group_norm.channel_axis])
 
 
 def _create(cls, config, jit_compile, activation):

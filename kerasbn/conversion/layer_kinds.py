@@ -4,7 +4,11 @@ import keras
 
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm
 
-KERAS_NORMALIZATIONS = (keras.layers.BatchNormalization, keras.layers.GroupNormalization)
+# Keras' classes, taken at import: inside `kerasbn.layers_in_scope` the names
+# in `keras.layers` are proxies (`scope.py`), which `is` does not match.
+KERAS_BATCH_NORM = keras.layers.BatchNormalization
+KERAS_GROUP_NORM = keras.layers.GroupNormalization
+KERAS_NORMALIZATIONS = (KERAS_BATCH_NORM, KERAS_GROUP_NORM)
 # BatchRenorm subclasses BatchNorm: it comes first so that it matches as itself.
 OUR_NORMALIZATIONS = (BatchRenorm, BatchNorm, GroupNorm)
 

@@ -3,7 +3,12 @@
 import keras
 
 from kerasbn.conversion import configs, keras_graph, weights
-from kerasbn.conversion.layer_kinds import OUR_NORMALIZATIONS, base_class
+from kerasbn.conversion.layer_kinds import (
+    KERAS_BATCH_NORM,
+    KERAS_GROUP_NORM,
+    OUR_NORMALIZATIONS,
+    base_class,
+)
 from kerasbn.conversion.rebuild import Rebuilder
 from kerasbn.layers import BatchNorm, BatchRenorm, GroupNorm
 
@@ -72,13 +77,13 @@ class _ToKeras(Rebuilder):
         if kind is GroupNorm:
             keys = configs.GROUP_KEYS
             config, activation = configs.read_our_layer(layer, keys, "GroupNormalization")
-            clone = keras.layers.GroupNormalization.from_config(config)
+            clone = KERAS_GROUP_NORM.from_config(config)
         else:
             keys = configs.BATCH_KEYS + (configs.OUR_RENORM_KEYS if kind is BatchRenorm else ())
             config, activation = configs.read_our_layer(layer, keys, "BatchNormalization")
             if kind is BatchRenorm:
                 config = _keras_renorm_config(layer, config)
-            clone = keras.layers.BatchNormalization.from_config(config)
+            clone = KERAS_BATCH_NORM.from_config(config)
         self.activations[id(layer)] = activation
         return clone
 

@@ -8,11 +8,25 @@ replaced and by what (`replace`), how weights move into a replacement
 (`transfer_weights`), which layer calls disappear from a graph because they
 were fused into the layer before (`calls_to_remove`), and which new layers
 follow a replacement (`layers_after`).
+
+KerasHub backbones and tasks (nested ones included) are rebuilt by their own
+class instead (`build_keras_hub_model`), so that they keep it; their layers
+are then paired with the original's and checked to be what `replace` would
+have made.
 """
 
 import keras
 
-from kerasbn.conversion import keras_graph
+from kerasbn.conversion import keras_graph, keras_hub_models, scope
+from kerasbn.conversion.layer_kinds import (
+    KERAS_NORMALIZATIONS,
+    OUR_NORMALIZATIONS,
+    base_class,
+)
+
+# Config keys a rebuilt KerasHub model's normalization layer may differ in:
+# generated names differ between two builds; flags are set afterwards.
+_UNCHECKED_KEYS = ("name", "trainable")
 
 
 class _Removed:
@@ -36,6 +50,7 @@ class Rebuilder:
         self._removed = set()  # ids of original layers whose call is dropped
         self._leaves = []  # (original, clone) for every copied or replaced layer
         self._models = []  # (original, clone) for every rebuilt model, inner first
+        self._hub_layers = []  # (original, clone) for every layer of rebuilt KerasHub models
 
     # -- hooks -------------------------------------------------------------
 
@@ -63,6 +78,11 @@ class Rebuilder:
         """New layers to call, in order, on `clone`'s output."""
         return []
 
+    def build_keras_hub_model(self, model):
+        """A new KerasHub model of `model`'s class. Default: with Keras' own layers."""
+        with scope.creating_with(None):
+            return keras_hub_models.rebuilt(model)
+
     # -- the rebuild --------------------------------------------------------
 
     def __call__(self, model):
@@ -70,17 +90,63 @@ class Rebuilder:
             raise TypeError(
                 f"Argument `model` must be a Keras 3 `keras.Model`. Received: model={model!r}"
             )
-        if not keras_graph.is_graph_model(model):
+        if keras_hub_models.is_keras_hub_model(model):
+            rebuilt = self._rebuild_keras_hub_model(model)
+        elif keras_graph.is_graph_model(model):
+            rebuilt = self._rebuild_model(model)
+        else:
             raise _subclassed_model_error(model, inside=None)
-        rebuilt = self._rebuild_model(model)
         for original, clone in self._leaves:
             self.transfer_weights(original, clone)
-        # Setting a model's flag sets its layers' flags: models outermost first, then layers.
+        for original, clone in self._hub_layers:
+            if keras_hub_models.is_normalization(original):
+                self.transfer_weights(original, clone)
+            else:
+                keras_hub_models.copy_own_weights(original, clone)
+        # Setting a model's flag sets its layers' flags: models outermost first,
+        # then layers (a KerasHub model's parents before their children).
         for original, clone in reversed(self._models):
             clone.trainable = original.trainable
-        for original, clone in self._leaves:
+        for original, clone in self._hub_layers + self._leaves:
             clone.trainable = self.trainable(original, clone)
         return rebuilt
+
+    def _rebuild_keras_hub_model(self, model):
+        rebuilt = self.build_keras_hub_model(model)
+        pairs = keras_hub_models.paired_layers(model, rebuilt)
+        for original, clone in pairs:
+            if keras_hub_models.is_normalization(original):
+                self._check_keras_hub_layer(model, original, clone)
+        self._hub_layers.extend(pairs)
+        self._models.append((model, rebuilt))
+        return rebuilt
+
+    def _check_keras_hub_layer(self, model, original, clone):
+        """`clone`, created by the KerasHub model's code, is what `replace(original)` gives."""
+        expected = self.replace(original)
+        if expected is None:
+            expected = original
+        elif self.layers_after(original, expected):
+            raise ValueError(
+                f"Layer '{original.name}' of the KerasHub model '{model.name}' "
+                f"({type(model).__name__}) would need a new layer after it (its fused "
+                "activation), but a KerasHub model is rebuilt by its own class, which "
+                "creates only the layers it always creates."
+            )
+        wanted, made = _config(expected), _config(clone)
+        if _kind(expected) is not _kind(clone) or wanted != made:
+            keys = sorted(key for key in set(wanted) | set(made) if wanted.get(key) != made.get(key))
+            raise ValueError(
+                f"Layer '{original.name}' ({type(original).__name__}) of the KerasHub model "
+                f"'{model.name}' ({type(model).__name__}) should become a "
+                f"{_kind(expected).__name__} with {({k: wanted.get(k) for k in keys})}, but "
+                f"the model's class creates a {_kind(clone).__name__} with "
+                f"{({k: made.get(k) for k in keys})} in its place. A KerasHub model is "
+                "rebuilt by its own class from its config, so every normalization layer "
+                "of one kind gets the same options; converting one that already has "
+                "kerasbn layers needs the options they were created with (or "
+                "kerasbn.to_keras first)."
+            )
 
     def _rebuild_model(self, model):
         self._removed.update(id(layer) for layer in self.calls_to_remove(model))
@@ -120,6 +186,8 @@ class Rebuilder:
             return self._clones[id(layer)]
         if id(layer) in self._removed:
             clone = _Removed(layer)
+        elif keras_hub_models.is_keras_hub_model(layer):
+            clone = self._rebuild_keras_hub_model(layer)
         elif keras_graph.is_graph_model(layer):
             clone = self._rebuild_model(layer)
         else:
@@ -167,6 +235,17 @@ class Rebuilder:
             original = self._originals[id(clone)]
             self._followers[id(clone)] = list(self.layers_after(original, clone))
         return self._followers[id(clone)]
+
+
+def _kind(layer):
+    """The normalization class `layer` computes: ours or Keras' (never a subclass)."""
+    return base_class(layer, OUR_NORMALIZATIONS) or base_class(layer, KERAS_NORMALIZATIONS)
+
+
+def _config(layer):
+    return {
+        key: value for key, value in layer.get_config().items() if key not in _UNCHECKED_KEYS
+    }
 
 
 def _copy(layer):
