@@ -95,10 +95,12 @@ demo: $(STAMP)
 # uses anyway (results_models_bfc.md), each model's normalization inputs timed
 # one by one with oneDNN as TensorFlow sets it and off (results_model_layers*.md),
 # first calls at new shapes (results_first_calls.md); each writes its table
-# under benchmarks/.
+# under benchmarks/. The whole-model table is also drawn as a chart, speed
+# relative to Keras BN with its intervals (results_models.svg, matplotlib).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.models
+	$(BIN)/python -m benchmarks.chart
 	TF_ENABLE_ONEDNN_OPTS=0 TF_CPU_ALLOCATOR_USE_BFC=true $(BIN)/python -m benchmarks.models \
 		--steps plain --output benchmarks/results_models_bfc.md
 	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m benchmarks.models --steps plain \
