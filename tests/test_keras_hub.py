@@ -321,6 +321,19 @@ def test_batch_renorm_keeps_inference_and_goes_to_keras_renorm():
         kerasbn.to_keras(converted)  # KerasHub's code creates plain BatchNormalization there
 
 
+def test_batch_renorm_model_reloads_inside_a_scope_with_the_same_options(tmp_path):
+    original = randomized(resnet())
+    converted = convert(original, batch_norm_to=kerasbn.BatchRenorm, r_max=2.0, d_max=1.0)
+    path = str(tmp_path / "renorm.keras")
+    converted.save(path)
+    with pytest.raises(ValueError):
+        keras.saving.load_model(path)  # Keras' BatchNormalization has 4 weights, not 8
+    with kerasbn.layers_in_scope(batch_norm_to=kerasbn.BatchRenorm, r_max=2.0, d_max=1.0, jit_compile=False):
+        reloaded = keras.saving.load_model(path)
+    assert type(reloaded) is models.ResNetBackbone and count(reloaded, kerasbn.BatchRenorm) == 6
+    assert_same_outputs(reloaded, original, images())
+
+
 def test_group_norm_groups_from_a_function_of_the_channels_keep_gamma_and_beta():
     original = randomized(resnet())
     converted = convert(original, batch_norm_to=kerasbn.GroupNorm, groups=lambda channels: channels // 8)

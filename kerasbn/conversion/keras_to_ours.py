@@ -48,6 +48,13 @@ def convert(
     result. A compiled model's compile config is carried over (with a new
     optimizer), as `keras.models.clone_model` does.
 
+    A KerasHub backbone or task (nested ones included) keeps its class, its
+    preprocessor (copied) and the rest of its API: it is rebuilt by its own
+    class from its config, with the normalization layers its code creates
+    made ours (subclasses named like the Keras class they replace, so saved
+    files stay interchangeable; see `kerasbn.layers_in_scope`), and every
+    weight carried over.
+
     `batch_norm_to` converts the batch norms to another layer instead:
 
     - `kerasbn.BatchRenorm`, for small (per replica, below ~16) or correlated
@@ -62,9 +69,11 @@ def convert(
       fine-tuned. `gamma` and `beta` are kept.
 
     Args:
-      model: a Functional or Sequential `keras.Model` (nested ones included).
-        `TypeError` if not a Keras 3 model (e.g. a `tf_keras` one);
-        `ValueError` for a subclassed model, or an unbuilt Sequential one.
+      model: a Functional or Sequential `keras.Model` (nested ones included),
+        or a KerasHub `Backbone` or `Task`. `TypeError` if not a Keras 3
+        model (e.g. a `tf_keras` one); `ValueError` for a subclassed model,
+        an unbuilt Sequential one, or a KerasHub model its class does not
+        rebuild from its config.
       batch_norm_to: None, `kerasbn.BatchNorm`, `kerasbn.BatchRenorm` or
         `kerasbn.GroupNorm`, default None. What batch norms become. None: the
         equivalent layer (`BatchRenorm` for `renorm=True`, else `BatchNorm`);
@@ -96,13 +105,15 @@ def convert(
         elu, gelu, silu/swish, hard_silu/hard_swish, sigmoid, hard_sigmoid,
         tanh, mish, softplus), `ReLU()` and `ReLU(6.0)`, `LeakyReLU(0.2)`,
         `ELU(1.0)`, with the normalization's dtype policy. Same outputs, one
-        pass over memory less.
+        pass over memory less. `ValueError` for a KerasHub model (its class
+        creates its activation layers).
       jit_compile: bool, default True. The `jit_compile` of the layers created
         (kerasbn layers already in the model keep theirs).
 
     Returns:
       A new model of the same kind (a Functional model for a subclass of
-      Functional), with the same inputs, outputs and layer names.
+      Functional, the same class for a KerasHub model), with the same inputs,
+      outputs and layer names (for a KerasHub model, the names its code sets).
 
     Raises:
       TypeError: `model` is not a Keras 3 model, or an argument has the wrong

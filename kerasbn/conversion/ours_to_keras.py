@@ -29,7 +29,11 @@ def to_keras(model):
     `_2`, ... if the model has a layer of that name). Nested Functional
     and Sequential models are converted too; `model` is not modified.
     `to_keras(kerasbn.convert(m))` gives back `m`'s layers, names and weights
-    (with fused activations as `Activation` layers).
+    (with fused activations as `Activation` layers). A KerasHub backbone or
+    task keeps its class: it is rebuilt by its class with Keras' layers,
+    and each of ours must be what that code creates (a `ValueError` naming
+    the layer otherwise, e.g. for a `GroupNorm` where the class creates a
+    `BatchNormalization`).
 
     Args:
       model: a Functional or Sequential `keras.Model` (nested ones included).
