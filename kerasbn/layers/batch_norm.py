@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import initializers
 
 from kerasbn import kernels
-from kerasbn.layers import arguments
+from kerasbn.layers import arguments, composite
 from kerasbn.layers.precision import read_variable, statistics_dtype
 from kerasbn.layers.replicas import cross_replica_sum
 from kerasbn.layers.weights import (
@@ -19,7 +19,7 @@ from kerasbn.layers.weights import (
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
-class BatchNorm(keras.layers.Layer):
+class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
     """Batch normalization with XLA-compiled kernels and a hand-derived gradient.
 
     A drop-in replacement for `keras.layers.BatchNormalization`: same arguments,
@@ -112,12 +112,20 @@ class BatchNorm(keras.layers.Layer):
       **kwargs: base `Layer` arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
-      inputs: tensor of rank 2 to 5 (or any rank >= 2).
+      inputs: tensor of rank 2 to 5 (or any rank >= 2), or a
+        `tf.RaggedTensor`, normalized as Keras' layer does: statistics over
+        its flat values (every element of every row), output ragged with the
+        same rows. Int and bool inputs are cast to float, as Keras does.
+        `TypeError` for a `tf.SparseTensor`, strings or complex numbers, and
+        for a feature axis along a ragged dimension.
       training: bool or None. None means inference, except inside `fit`.
       mask: optional boolean tensor with the input's shape without the feature
         axes (rank one less for a single axis). Masked positions are excluded
         from the batch statistics (NaN there never leaks into them) but are
         still normalized. `ValueError` for a mask of the wrong rank or shape.
+        With ragged inputs, a ragged mask with the same rows (as
+        `Embedding(mask_zero=True)` gives): `TypeError` for a dense one,
+        `ValueError` for other row lengths.
 
     Edge cases:
       - A batch whose statistics are taken over one element per feature (a
@@ -269,6 +277,8 @@ class BatchNorm(keras.layers.Layer):
     # -------------------------------------------------------------------------
 
     def call(self, inputs, training=None, mask=None):
+        if isinstance(inputs, tf.RaggedTensor):
+            return composite.call_ragged(self, inputs, mask, training=training)
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))

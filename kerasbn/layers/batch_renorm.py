@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from kerasbn import kernels
-from kerasbn.layers import arguments
+from kerasbn.layers import arguments, composite
 from kerasbn.layers.batch_norm import BatchNorm
 from kerasbn.layers.precision import read_variable
 from kerasbn.layers.replicas import cross_replica_sum
@@ -125,6 +125,8 @@ class BatchRenorm(BatchNorm):
         )
 
     def call(self, inputs, training=None, mask=None):
+        if isinstance(inputs, tf.RaggedTensor):
+            return composite.call_ragged(self, inputs, mask, training=training)
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))

@@ -6,13 +6,13 @@ import keras
 import tensorflow as tf
 
 from kerasbn import kernels
-from kerasbn.layers import arguments
+from kerasbn.layers import arguments, composite
 from kerasbn.layers.precision import read_variable, statistics_dtype
 from kerasbn.layers.weights import add_affine_weights, affine_config, set_affine_arguments
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
-class GroupNorm(keras.layers.Layer):
+class GroupNorm(composite.CompositeInputs, keras.layers.Layer):
     """Group normalization with an XLA-compiled kernel and a hand-derived gradient.
 
     The channels are split into `groups` groups, and each sample is normalized
@@ -56,7 +56,10 @@ class GroupNorm(keras.layers.Layer):
 
     Call arguments:
       inputs: tensor of rank 2 or more (batch, spatial axes if any, channels;
-        with rank 2 each group is normalized over its channels alone).
+        with rank 2 each group is normalized over its channels alone). Int and
+        bool inputs are cast to float (Keras' layer rounds its output back to
+        the integer dtype). `TypeError` for a `tf.RaggedTensor` (as Keras'
+        layer refuses it), a `tf.SparseTensor`, strings or complex numbers.
       mask: optional boolean tensor with the input's shape without the channel
         axis (e.g. a padding mask of a sequence). Masked positions are left out
         of their sample's statistics but are still normalized. A sample with
@@ -69,6 +72,10 @@ class GroupNorm(keras.layers.Layer):
     Reference:
       Wu & He, "Group Normalization", ECCV 2018, arXiv:1803.08494.
     """
+
+    # Keras' GroupNormalization rejects ragged inputs too: a sample's groups
+    # would span rows of different lengths.
+    accepts_ragged = False
 
     def __init__(
         self,
