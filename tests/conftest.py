@@ -29,34 +29,35 @@ def rng():
     return np.random.default_rng(1234)
 
 
-def _report_onednn(monkeypatch, enabled):
-    from kerasbn.kernels import tf_internals
+@pytest.fixture
+def onednn_reported_off():
+    """Kernels traced in the test take the path for oneDNN off (the policy's
+    `platform`): our own ops and XLA programs for every BatchNorm (with oneDNN
+    on, float32 NHWC training calls of a static shape are TensorFlow's fused
+    op, `test_fused_training.py`)."""
+    from kerasbn import kernels
 
-    monkeypatch.setattr(tf_internals, "_IS_MKL_ENABLED", lambda: enabled)
+    with kernels.xla_policy(platform="cpu"):
+        yield
 
 
 @pytest.fixture
-def onednn_reported_off(monkeypatch):
-    """Kernels traced in the test take the path for oneDNN off: our own ops and
-    XLA programs for every BatchNorm (with oneDNN on, float32 NHWC training
-    calls of a static shape are TensorFlow's fused op, `test_fused_training.py`)."""
-    _report_onednn(monkeypatch, False)
-
-
-@pytest.fixture
-def onednn_reported_on(monkeypatch):
+def onednn_reported_on():
     """Kernels traced in the test take the oneDNN path: a BatchNorm on float32
     NHWC trains with TensorFlow's fused op (which runs with oneDNN off too, as
     TensorFlow's own kernel), at every size here, so small inputs test it (the
-    package keeps its own ops under `_FUSED_TRAINING_MIN_ELEMENTS`: see
+    package keeps its own ops under `Policy.fused_min_elements`: see
     `onednn_reported_on_at_its_threshold`)."""
-    from kerasbn.kernels import batch_norm
+    from kerasbn import kernels
 
-    _report_onednn(monkeypatch, True)
-    monkeypatch.setattr(batch_norm, "_FUSED_TRAINING_MIN_ELEMENTS", 0)
+    with kernels.xla_policy(platform="cpu-onednn", fused_min_elements=0):
+        yield
 
 
 @pytest.fixture
-def onednn_reported_on_at_its_threshold(monkeypatch):
+def onednn_reported_on_at_its_threshold():
     """The oneDNN path with the package's own size threshold for the fused op."""
-    _report_onednn(monkeypatch, True)
+    from kerasbn import kernels
+
+    with kernels.xla_policy(platform="cpu-onednn"):
+        yield

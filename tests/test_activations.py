@@ -15,6 +15,10 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn.kernels.activations import ACTIVATIONS, activate, activation_gradient
+from kerasbn.kernels.build import Build
+
+# Built for XLA (the formula f'(z)) and for a graph run op by op (TensorFlow's gradient ops).
+BUILDS = (Build(for_xla=True), Build(for_xla=False))
 from platform_support import KERAS_HAS_RENORM, RENORM_SKIP_REASON
 
 def exact_gelu(z):
@@ -50,9 +54,10 @@ def test_each_activation_and_its_derivative_match_keras(rng, name):
     expected_gradient = tape.gradient(reference_value, z, output_gradients=dy)
     np.testing.assert_allclose(activate(z, name), keras_value, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(activate(z, name), reference_value, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(
-        activation_gradient(dy, z, name), expected_gradient, rtol=1e-10, atol=1e-12
-    )
+    for build in BUILDS:
+        np.testing.assert_allclose(
+            activation_gradient(dy, z, name, build), expected_gradient, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_exact_gelu_reference_matches_scipy_where_tensorflow_gelu_rounds():
@@ -71,9 +76,11 @@ def test_derivatives_at_kinks_are_what_tensorflow_gives():
         with tf.GradientTape() as tape:
             tape.watch(z)
             y = keras.activations.get(name)(z)
-        np.testing.assert_allclose(
-            activation_gradient(tf.ones_like(z), z, name), tape.gradient(y, z), err_msg=name
-        )
+        expected = tape.gradient(y, z)
+        for build in BUILDS:
+            np.testing.assert_allclose(
+                activation_gradient(tf.ones_like(z), z, name, build), expected, err_msg=name
+            )
 
 
 # -- layers with a fused activation against the unfused Keras pair ----------------

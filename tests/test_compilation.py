@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kerasbn.kernels import warmup
+from kerasbn import kernels
 
 WORKER = Path(__file__).parent / "compilation" / "count_worker.py"
 
@@ -53,13 +53,13 @@ def test_at_most_max_shapes_are_compiled_with_one_warning(counts):
 
 
 def test_a_short_fit_with_a_partial_last_batch_compiles_nothing(counts):
-    assert warmup.DEFAULT_WARMUP_CALLS > 10
+    assert kernels.Policy().warmup_calls > 10
     assert counts["fit: 2 epochs of 5 steps, partial last batch"] == 0
 
 
 def test_small_inputs_never_compile_and_large_ones_do_without_warm_up(counts):
-    assert warmup.DEFAULT_MIN_ELEMENTS > 16 * 6 * 6 * 4
-    assert warmup.DEFAULT_MIN_ELEMENTS <= 16 * 6 * 6 * 2048
+    assert kernels.Policy().min_elements > 16 * 6 * 6 * 4
+    assert kernels.Policy().min_elements <= 16 * 6 * 6 * 2048
     assert counts["threshold: 3 training steps, small input, shape known while tracing"] == 0
     assert counts["threshold: 3 training steps, large input, shape known while tracing"] >= 2
     assert counts["threshold: 5 training steps, small input, shape seen at run time"] == 0

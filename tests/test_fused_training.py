@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn import kernels
-from kerasbn.kernels import batch_norm, tf_internals
+from kerasbn.kernels import tf_internals
 from graph_inspection import graph_op_types, training_step, training_step_op_types
 from references import batch_norm_formula, moving_average_formula
 
@@ -178,14 +178,14 @@ def test_the_fused_op_runs_exactly_when_onednn_is_on(shape):
     layer = kerasbn.BatchNorm()
     layer.build(shape)
     types = training_step_op_types(layer, shape)
-    worth_the_op = bool(np.prod(shape) >= batch_norm._FUSED_TRAINING_MIN_ELEMENTS)
+    worth_the_op = bool(np.prod(shape) >= kernels.get_xla_policy()["fused_min_elements"])
     assert (FUSED_OP in types) is (worth_the_op and bool(onednn)), types
     large = bool(np.prod(shape) >= kernels.get_xla_policy()["min_elements"])
     assert any("PartitionedCall" in t for t in types) is (large and not onednn), types
 
 
 # oneDNN's op and its gradient cost about 0.2 ms each per call: below 96 Ki
-# elements our inline ops train a layer faster (kernels/batch_norm.py).
+# elements our inline ops train a layer faster (Policy.fused_min_elements).
 @pytest.mark.parametrize(
     "shape, fused",
     [

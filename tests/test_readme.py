@@ -187,7 +187,7 @@ def test_readme_lists_every_public_name_with_a_link_to_its_documentation():
         for found in re.finditer(r"^\| `([\w.]+)` \|.*\| \[[^\]]+\]\(([^)]+)\) \|$", section, flags=re.M)
     }
     public = {f"kerasbn.{name}" for name in kerasbn.__all__}
-    public |= {f"kerasbn.kernels.{name}" for name in ("set_xla_policy", "get_xla_policy", "xla_policy", "jit_disabled")}
+    public |= {f"kerasbn.kernels.{name}" for name in ("set_xla_policy", "get_xla_policy", "xla_policy", "jit_disabled", "Policy", "explain")}
     assert set(rows) == public
     for name in rows:
         assert functools.reduce(getattr, name.split(".")[1:], kerasbn) is not None, name

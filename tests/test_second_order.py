@@ -14,7 +14,7 @@ from tensorflow.python.eager import record
 
 import kerasbn
 from kerasbn import kernels
-from kerasbn.kernels.compile import kernel as compile_kernel
+from kerasbn.kernels.engine import kernel as compile_kernel
 from platform_support import keras_batch_renorm
 from references import central_differences
 
@@ -175,12 +175,11 @@ def test_synchronized_second_order_raises(rng):
         outer.watch(x)
         with tf.GradientTape() as inner:
             inner.watch(x)
-            y, _, _ = kernels.synchronized_batch_norm_train(
+            y, _ = kernels.train_step(
                 x,
                 gamma,
                 beta,
-                moving_mean,
-                moving_variance,
+                {"moving_mean": moving_mean, "moving_variance": moving_variance},
                 None,
                 all_reduce=single_replica_sum,
                 momentum=0.9,
@@ -247,16 +246,15 @@ def test_backward_traced_while_taping_is_paused_still_differentiates(rng):
     # A fresh kernel whose backward program is first traced with the thread's
     # taping stopped (as inside a forward accumulator's JVP computation): its
     # gradients then, and ever after, must be right, not None.
-    fresh = compile_kernel(kernels.batch_norm_train.fn)
+    fresh = compile_kernel(kernels.normalize_batch.fn)
     x = tf.constant(rng.normal(size=(6, 3)))
     weight = tf.constant(rng.normal(size=(6, 3)))
     gamma, beta = tf.constant([1.0, 2.0, 0.5], tf.float64), tf.zeros(3, tf.float64)
-    statistics = tf.zeros(3, tf.float64), tf.ones(3, tf.float64)
 
     def gradient(paused):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y, _, _ = fresh(x, gamma, beta, *statistics, momentum=0.9, epsilon=1e-3, feature_axes=(1,))
+            y, _ = fresh(x, gamma, beta, epsilon=1e-3, feature_axes=(1,))
             loss = tf.reduce_sum(weight * y)
         if paused:
             with record.stop_recording():

@@ -47,7 +47,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kerasbn
-from kerasbn.kernels.moments import BLOCK, TWO_INPUT_BLOCK, sum_over, sum_pair
+from kerasbn.kernels.build import Build
+from kerasbn.kernels.moments import sum_over, sum_pair
+
+BLOCK, TWO_INPUT_BLOCK = Build().block, Build().two_input_block
 from platform_support import KERAS_HAS_RENORM, RENORM_SKIP_REASON
 from references import (
     batch_norm_formula,
@@ -466,9 +469,11 @@ def test_block_sums_equal_numpy_sums(case, dtype, static, jit):
     first, second = (rng.integers(-8, 9, shape).astype(dtype) for _ in range(2))
     spec = tf.TensorSpec(shape if static else [None] * len(shape), dtype)
 
+    build = Build(for_xla=jit, block_sums=True)
+
     @tf.function(jit_compile=jit, input_signature=[spec, spec])
     def sums(a, b):
-        return (sum_over(a, axes),) + sum_pair(a, b, axes)
+        return (sum_over(a, axes, build),) + sum_pair(a, b, axes, build)
 
     for got, values in zip(sums(first, second), (first, first, second)):
         np.testing.assert_array_equal(got.numpy(), values.sum(axis=axes, keepdims=True))

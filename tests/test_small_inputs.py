@@ -21,8 +21,8 @@ from graph_inspection import training_step, training_step_op_types
 from references import batch_norm_reference
 
 OURS = {
-    "BatchNorm": (lambda: kerasbn.BatchNorm(momentum=0.9), "batch_norm_train"),
-    "BatchRenorm": (lambda: kerasbn.BatchRenorm(momentum=0.9), "batch_renorm_train"),
+    "BatchNorm": (lambda: kerasbn.BatchNorm(momentum=0.9), "normalize_batch"),
+    "BatchRenorm": (lambda: kerasbn.BatchRenorm(momentum=0.9), "normalize_batch"),
     "GroupNorm": (lambda: kerasbn.GroupNorm(groups=2), "group_norm"),
     "GhostBatchNorm": (lambda: kerasbn.BatchNorm(momentum=0.9, virtual_batch_size=4), None),
 }
@@ -120,7 +120,7 @@ def test_a_large_input_keeps_the_xla_dispatch():
 def test_bad_min_elements_is_a_value_error_naming_it(value):
     with pytest.raises(ValueError, match="min_elements"):
         kernels.set_xla_policy(min_elements=value)
-    assert kernels.get_xla_policy()["min_elements"] == kernels.warmup.DEFAULT_MIN_ELEMENTS
+    assert kernels.get_xla_policy()["min_elements"] == kernels.Policy().min_elements
 
 
 def test_eager_training_call_without_a_tape_equals_the_traced_call(rng):

@@ -1,34 +1,42 @@
 """Pure TensorFlow kernels for normalization layers.
 
 Nothing in this package knows about Keras: every function takes tensors and
-Python configuration and returns tensors. The layers in `kerasbn.layers` own the
-weights and the flags and call these kernels.
+Python configuration and returns tensors. The layers in `kerasbn.layers` own
+the weights and the flags and call these kernels; `routing.choose_route`
+decides how each call runs (docs/layout.md), `policy.Policy` holds the tunables.
 """
 
-from kerasbn.kernels.compile import jit_disabled, xla_allowed
-from kerasbn.kernels.warmup import ShapeUse, get_xla_policy, set_xla_policy, xla_policy
-from kerasbn.kernels.batch_norm import batch_norm_inference, batch_norm_train
-from kerasbn.kernels.batch_renorm import batch_renorm_train
-from kerasbn.kernels.ghost_batch_norm import ghost_batch_norm_train, ghost_batch_renorm_train
+from kerasbn.kernels.batch_norm import batch_norm_inference
+from kerasbn.kernels.explain import Explanation, explain
 from kerasbn.kernels.group_norm import group_norm
-from kerasbn.kernels.synchronized import (
-    synchronized_batch_norm_train,
-    synchronized_batch_renorm_train,
+from kerasbn.kernels.policy import (
+    Policy,
+    get_xla_policy,
+    jit_disabled,
+    set_xla_policy,
+    xla_allowed,
+    xla_policy,
 )
+from kerasbn.kernels.routing import ROUTES, CallFacts, Route, choose_route
+from kerasbn.kernels.training_step import normalize_batch, train_step
+from kerasbn.kernels.warmup import ShapeUse
 
 __all__ = [
+    "CallFacts",
+    "Explanation",
+    "Policy",
+    "ROUTES",
+    "Route",
     "ShapeUse",
     "batch_norm_inference",
-    "batch_norm_train",
-    "batch_renorm_train",
+    "choose_route",
+    "explain",
     "get_xla_policy",
-    "ghost_batch_norm_train",
-    "ghost_batch_renorm_train",
     "group_norm",
     "jit_disabled",
+    "normalize_batch",
     "set_xla_policy",
-    "synchronized_batch_norm_train",
-    "synchronized_batch_renorm_train",
+    "train_step",
     "xla_allowed",
     "xla_policy",
 ]

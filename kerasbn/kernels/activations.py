@@ -20,7 +20,6 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from kerasbn.kernels.compile import built_for_xla
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -197,7 +196,7 @@ _GRADIENT_OPS = {
 }
 
 
-def activation_gradient(dy, z, name):
+def activation_gradient(dy, z, name, build):
     """`dy · f'(z)`: the gradient reaching `z` through the activation `name`.
 
     `z` is the pre-activation (the normalized value); with `name` None this is
@@ -206,6 +205,6 @@ def activation_gradient(dy, z, name):
     if name is None:
         return dy
     _check(name)
-    if name in _GRADIENT_OPS and not built_for_xla():
+    if name in _GRADIENT_OPS and not build.for_xla:
         return _GRADIENT_OPS[name](dy, z)
     return dy * _FUNCTIONS[name][1](z)

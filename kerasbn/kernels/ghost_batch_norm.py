@@ -10,8 +10,8 @@ The q = B // v full ghost batches are the first q·v examples viewed as
 `[q, v, ...]` (a free reshape), whose statistics are taken over every axis but
 the ghost axis and the feature axes: the per-sample layout of group norm, summed
 by `moments.sum_over` (one pass over x per sum; for up to
-`moments.GROUP_MATMUL_LIMIT` ghost batches, arranged as batch norm's sums). The remainder is an ordinary
-batch. Per ghost batch g and feature, with N_g elements:
+`Policy.group_matmul_limit` ghost batches, arranged as batch norm's sums). The
+remainder is an ordinary batch. The step itself is `training_step.py`'s. Per ghost batch g and feature, with N_g elements:
 
     x̂ = (x − μ_g) / sqrt(σ²_g + ε),    y = f(γ (r_g x̂ + d_g) + β)
 
@@ -48,16 +48,6 @@ exact. The normalisation itself does not use this term.
 
 import tensorflow as tf
 
-from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.batch_norm import (
-    affine_parameters,
-    statistics_are_usable,
-    updated_moving_statistics,
-)
-from kerasbn.kernels.batch_renorm import renorm_corrections, updated_renorm_statistics
-from kerasbn.kernels.compile import kernel
-from kerasbn.kernels.moments import moments
-from kerasbn.kernels.normalize import normalize_with_batch_statistics
 from kerasbn.kernels.synchronized import combine_moments
 
 MOVING_STATISTICS = ("batch", "ghost_mean")
@@ -85,66 +75,9 @@ def ghost_parts(x, virtual_batch_size):
     return full, x[head:]
 
 
-class _Part:
-    """One piece of the batch normalised with its own statistics per ghost batch.
-
-    `values` is `[q, v, ...]` (the full ghost batches; `ghost_axis` True) or an
-    ordinary batch (the remainder, a single ghost batch).
-    """
-
-    def __init__(self, values, mask, feature_axes, ghost_axis):
-        shift = 1 if ghost_axis else 0
-        self.values = values
-        # Known to hold no example while tracing: left out of the output.
-        self.empty = values.shape[0] == 0
-        self.mask = mask
-        self.ghost_axis = ghost_axis
-        self.feature_axes = tuple(axis + shift for axis in feature_axes)
-        self.axes = tuple(
-            axis for axis in reduction_axes(values.shape.rank, self.feature_axes) if axis >= shift
-        )
-        self.mean, self.variance, self.count = moments(values, self.axes, mask)
-
-    def examples(self):
-        """Number of examples in this part, as a tensor."""
-        shape = tf.shape(self.values)
-        return shape[0] * shape[1] if self.ghost_axis else shape[0]
-
-    def broadcast(self, parameter):
-        """A per-feature tensor in the input's broadcast shape, for this part."""
-        return tf.expand_dims(parameter, 0) if self.ghost_axis else parameter
-
-    def per_ghost(self, value, feature_shape):
-        """`[ghost batches, *feature_shape]` from a statistic in broadcast shape."""
-        value = tf.broadcast_to(value, tf.shape(self.mean))
-        if self.ghost_axis:
-            ghosts = tf.shape(self.values)[:1]
-        else:
-            ghosts = [1]
-        return tf.reshape(value, tf.concat([ghosts, feature_shape], axis=0))
-
-    def normalize(self, gamma, beta, *, epsilon, corrections, activation):
-        r = d = None
-        if corrections is not None:
-            r, d = corrections(self.mean, self.variance, self.count, self.broadcast)
-        return normalize_with_batch_statistics(
-            self.values,
-            self.broadcast(gamma),
-            self.broadcast(beta),
-            self.mean,
-            self.variance,
-            self.count,
-            epsilon=epsilon,
-            axes=self.axes,
-            mask=self.mask,
-            r=r,
-            d=d,
-            activation=activation,
-        )
-
-
-def _combine(parts, feature_shape):
-    """Per-feature statistics of the whole batch from its ghost batches.
+def combine_ghosts(parts, feature_shape):
+    """Per-feature statistics of the whole batch from its ghost batches
+    (`training_step.Part`s).
 
     Returns a dict of `mean`, `variance` (exact, law of total variance),
     `ghost_variance` (Σ N_g σ²_g / N) and `count` (N), each of `feature_shape`.
@@ -167,95 +100,11 @@ def _combine(parts, feature_shape):
     return {name: tf.stop_gradient(value) for name, value in statistics.items()}
 
 
-@kernel
-def ghost_normalization(
-    x,
-    gamma,
-    beta,
-    mask=None,
-    renorm=None,
-    *,
-    epsilon,
-    feature_axes,
-    virtual_batch_size,
-    activation=None,
-):
-    """Normalises each ghost batch of `x` with its own statistics.
-
-    Args:
-      x: float tensor of rank 2 or more (float32 or float64), batch axis 0.
-      gamma, beta: per-feature tensors, or None for no scale / no offset.
-      mask: optional boolean tensor of `x`'s shape without the feature axes.
-      renorm: None for batch norm, or for batch renormalisation a dict of
-        per-feature `renorm_mean`, `renorm_stddev` and scalar `r_max`,
-        `d_max` (corrections per ghost batch, see the module docstring).
-      epsilon: Python float.
-      feature_axes: sorted tuple of non-negative feature axes (0 excluded).
-      virtual_batch_size: Python int >= 1, examples per ghost batch.
-      activation: None, or the name of a fused activation
-        (`activations.ACTIVATIONS`).
-
-    Returns:
-      `(y, statistics)`: the output (shape and dtype of `x`), and the
-      whole batch's per-feature `mean`, `variance`, `ghost_variance` and
-      `count` (see `_combine`), without gradient.
-    """
-    rank = x.shape.rank
-    if mask is not None:
-        mask = mask_to_broadcast(mask, rank, feature_axes)
-    feature_shape = tf.gather(tf.shape(x), list(feature_axes))
-    gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, feature_shape)
-    x_parts = ghost_parts(x, virtual_batch_size)
-    mask_parts = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
-    parts = [
-        _Part(values, part_mask, feature_axes, ghost_axis)
-        for values, part_mask, ghost_axis in zip(x_parts, mask_parts, (True, False))
-    ]
-    corrections = None
-    if renorm is not None:
-        corrections = _renorm_corrections(renorm, x, feature_axes, epsilon)
-    # Parts known to be empty are left out (no concatenation when v divides a
-    # known batch size); an empty batch keeps its (empty) remainder.
-    filled = [part for part in parts if not part.empty] or parts[1:]
-    outputs = []
-    for part in filled:
-        y = part.normalize(
-            gamma_b, beta_b, epsilon=epsilon, corrections=corrections, activation=activation
-        )
-        # Back to examples along axis 0 (the row count given: -1 is ambiguous when empty).
-        outputs.append(tf.reshape(y, tf.concat([[part.examples()], tf.shape(x)[1:]], axis=0)))
-    y = outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
-    y.set_shape(x.shape)
-    return y, _combine(parts, feature_shape)
-
-
-def _renorm_corrections(renorm, x, feature_axes, epsilon):
-    """`corrections(mean, variance, count, broadcast) -> (r, d)` per ghost batch."""
-    rank = x.shape.rank
-    reference_mean = to_broadcast(renorm["renorm_mean"], rank, feature_axes)
-    reference_stddev = to_broadcast(renorm["renorm_stddev"], rank, feature_axes)
-
-    def corrections(mean, variance, count, broadcast):
-        usable = tf.broadcast_to(statistics_are_usable(mean, variance, count), tf.shape(mean))
-        return renorm_corrections(
-            mean,
-            variance,
-            broadcast(reference_mean),
-            broadcast(reference_stddev),
-            usable,
-            tf.cast(renorm["r_max"], x.dtype),
-            tf.cast(renorm["d_max"], x.dtype),
-            epsilon,
-        )
-
-    return corrections
-
-
 def moving_statistics_of(statistics, rule, shift, all_reduce=None):
     """Per-feature `(mean, variance, count)` the moving averages follow.
 
     Args:
-      statistics: the dict `ghost_normalization` returns.
+      statistics: the dict `combine_ghosts` returns.
       rule: "batch" or "ghost_mean" (see the module docstring).
       shift: per-feature tensor identical on every replica (the moving mean),
         for the all-reduce (`synchronized.combine_moments`).
@@ -280,111 +129,3 @@ def moving_statistics_of(statistics, rule, shift, all_reduce=None):
         all_reduce,
     )
     return means[0], variances[1], counts[0]
-
-
-def ghost_batch_norm_train(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    mask=None,
-    *,
-    momentum,
-    epsilon,
-    feature_axes,
-    virtual_batch_size,
-    moving_statistics="batch",
-    activation=None,
-    all_reduce=None,
-    jit_compile=True,
-    shape_use=None,
-):
-    """One training step of ghost batch normalisation.
-
-    Arguments and results as `batch_norm.batch_norm_train`, plus
-    `virtual_batch_size` and `moving_statistics` (the rule, see the module
-    docstring), `all_reduce` (synchronized moving statistics, see
-    `moving_statistics_of`), and `jit_compile`, `shape_use` for the
-    normalisation kernel (`compile.Kernel.get`). Ghost batches never span
-    replicas: only the moving statistics are combined across them.
-    """
-    normalization = ghost_normalization.get(jit_compile, shape_use)
-    y, statistics = normalization(
-        x,
-        gamma,
-        beta,
-        mask,
-        None,
-        epsilon=epsilon,
-        feature_axes=feature_axes,
-        virtual_batch_size=virtual_batch_size,
-        activation=activation,
-    )
-    mean, variance, count = moving_statistics_of(
-        statistics, moving_statistics, moving_mean, all_reduce
-    )
-    new_mean, new_variance = updated_moving_statistics(
-        moving_mean, moving_variance, mean, variance, count, momentum
-    )
-    return y, new_mean, new_variance
-
-
-def ghost_batch_renorm_train(
-    x,
-    gamma,
-    beta,
-    state,
-    mask,
-    r_max,
-    d_max,
-    *,
-    momentum,
-    renorm_momentum,
-    epsilon,
-    feature_axes,
-    virtual_batch_size,
-    moving_statistics="batch",
-    activation=None,
-    all_reduce=None,
-    jit_compile=True,
-    shape_use=None,
-):
-    """One training step of batch renormalisation with ghost batches.
-
-    Arguments and results as `batch_renorm.batch_renorm_train`, plus those of
-    `ghost_batch_norm_train`. r and d are taken per ghost batch against the
-    renorm averages; every moving statistic follows the whole batch's
-    statistics under `moving_statistics`.
-    """
-    normalization = ghost_normalization.get(jit_compile, shape_use)
-    renorm = {
-        "renorm_mean": state["renorm_mean"],
-        "renorm_stddev": state["renorm_stddev"],
-        "r_max": r_max,
-        "d_max": d_max,
-    }
-    y, statistics = normalization(
-        x,
-        gamma,
-        beta,
-        mask,
-        renorm,
-        epsilon=epsilon,
-        feature_axes=feature_axes,
-        virtual_batch_size=virtual_batch_size,
-        activation=activation,
-    )
-    mean, variance, count = moving_statistics_of(
-        statistics, moving_statistics, state["moving_mean"], all_reduce
-    )
-    new_state = updated_renorm_statistics(
-        state,
-        mean,
-        variance,
-        statistics_are_usable(mean, variance, count),
-        momentum=momentum,
-        renorm_momentum=renorm_momentum,
-        epsilon=epsilon,
-    )
-    return y, new_state

@@ -9,16 +9,17 @@ Why `sum_over` and not `tf.reduce_sum`: XLA's CPU backend rewrites a long
 reduction into a `reduce-window` (windows of 32) followed by a short `reduce`,
 and does not fuse an elementwise producer into that `reduce-window`. So
 `reduce_sum((x - m)**2)` over a [N, H, W, C] batch first writes `(x - m)**2` to
-a temporary as large as `x`, then walks it with a strided window (measured 24x
-slower than reading `x` once on the 64x56x56x64 benchmark shape, see the
-optimized HLO: `fusion(subtract, multiply) -> reduce-window -> reduce`). A
+a temporary as large as `x`, then walks it with a strided window (optimized
+HLO: `fusion(subtract, multiply) -> reduce-window -> reduce`). A
 reduction over a short axis (16 elements) is left alone, so the elementwise
 producer fuses into it and `x` is read once; the 16 times smaller partial sums
 are then added by a matrix product with a vector of ones, which XLA hands to
 its matmul library. The result is the same sum, added in a different order.
-In a graph that TensorFlow runs without XLA (`compile.built_for_xla()` False)
-these arrangements are only more ops, each with its own launch cost: there a
-sum is one `tf.reduce_sum` (Eigen's, which adds in blocks too).
+In a graph that TensorFlow runs without XLA (`Build.block_sums` False) these
+arrangements are only more ops, each with its own launch cost: there a sum is
+one `tf.reduce_sum` (Eigen's, which adds in blocks too). Block sizes come from
+the `Policy` through the `Build`. Why and the figures:
+docs/decisions/007-block-sums-for-xla-cpu.md to 011-complex-packed-pair-sum.md.
 """
 
 import math
@@ -26,19 +27,6 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from kerasbn.kernels.compile import built_for_xla, residual, statistics_are_differentiable
-
-# Elements summed by the fused first stage. 16 measured fastest for a sum
-# reading one tensor; 32 and more are rewritten into the slow reduce-window form
-# again. A sum reading two tensors (the backward's Σ dy (x - μ)) ran 3x slower
-# at 16 than at 8 on 64x56x56x64 (18.5 ms against 6.2 ms, a copy of x taking
-# 6.8 ms): cache conflicts between the two strided streams.
-BLOCK = 16
-TWO_INPUT_BLOCK = 8
-# Per-group sums (`[G, P, C]` -> `[G, C]`: ghost batches, group norm's samples)
-# add their partial sums with one block-diagonal matrix while there are at most
-# this many groups (see `_group_totals`).
-GROUP_MATMUL_LIMIT = 16
 
 
 def _concat_shape(*parts):
@@ -57,12 +45,11 @@ def _ones(length, dtype, column=False):
 
     Two rows (columns) where one would do: XLA's CPU backend fuses a
     matrix-vector product whose vector is under 16 KiB into its producer as a
-    naive loop, which re-reads the matrix once per output column (a 32x32x32x64
-    batch took 10x longer); a matrix-matrix product always goes to the matmul
-    library. With a static shape the matrix is a literal with zeros in the
-    second row, kept with the compiled program: all ones would be turned into
-    a broadcast and materialised in scratch memory on every call (392 KiB of
-    complex ones for the backward on 64x56x56x64, its whole scratch memory).
+    naive loop, which re-reads the matrix once per output column; a
+    matrix-matrix product always goes to the matmul library. With a static
+    shape the matrix is a literal with zeros in the second row, kept with the
+    compiled program: all ones would be turned into a broadcast materialised
+    in scratch memory on every call (docs/decisions/009-two-row-ones-matrix.md).
     """
     if isinstance(length, int):
         value = np.zeros((2, length), dtype.as_numpy_dtype)
@@ -88,17 +75,15 @@ def _group_indicator(groups, blocks, dtype):
     return tf.cast(tf.equal(rows, owners), dtype)
 
 
-def _group_totals(partial, groups, blocks):
+def _group_totals(partial, groups, blocks, limit):
     """`[G, blocks, C]` partial sums -> `[G, C]`, each group's blocks added.
 
     A batched product with a row of ones per group makes XLA transpose the
     partial sums inside the fused first stage, which then reads the input less
-    regularly (a per-group sum took twice as long as a plain column sum on
-    64x56x56x64). Up to `GROUP_MATMUL_LIMIT` groups, one product with a
-    block-diagonal matrix of ones adds them in place instead (within noise of
-    a plain column sum there, measured on a busy machine); it costs G times the
-    flops of the plain product,
-    so more groups keep the batched product. `groups` and `blocks` are Python
+    regularly. Up to `limit` groups (`Policy.group_matmul_limit`), one product
+    with a block-diagonal matrix of ones adds them in place instead; it costs
+    G times the flops of the plain product, so more groups keep the batched
+    product (docs/decisions/010-group-sums-block-diagonal.md). `groups` and `blocks` are Python
     ints when known while tracing; with G unknown the choice is a `tf.cond`
     (XLA, which knows G, keeps one branch).
     """
@@ -112,11 +97,11 @@ def _group_totals(partial, groups, blocks):
         return tf.matmul(_ones(blocks, partial.dtype), partial)[:, 0, :]
 
     if isinstance(groups, int):
-        return by_block_diagonal() if groups <= GROUP_MATMUL_LIMIT else batched()
-    return tf.cond(groups <= GROUP_MATMUL_LIMIT, by_block_diagonal, batched)
+        return by_block_diagonal() if groups <= limit else batched()
+    return tf.cond(groups <= limit, by_block_diagonal, batched)
 
 
-def column_sums(values, block=BLOCK):
+def column_sums(values, block, group_matmul_limit):
     """Sum over the second-to-last axis: `[..., P, C]` -> `[..., C]`.
 
     Blocks of `block` rows are summed first (XLA fuses the producer of
@@ -132,13 +117,13 @@ def column_sums(values, block=BLOCK):
         tf.reshape(values[..., :head, :], _concat_shape(lead, blocks, block, columns)), axis=-2
     )
     if values.shape.rank == 3:
-        total = _group_totals(partial, _dim(values, 0), blocks)
+        total = _group_totals(partial, _dim(values, 0), blocks, group_matmul_limit)
     else:
         total = tf.matmul(_ones(blocks, values.dtype), partial)[..., 0, :]
     return total + tf.reduce_sum(values[..., head:, :], axis=-2)
 
 
-def row_sums(values, block=BLOCK):
+def row_sums(values, block):
     """Sum over the last axis: `[..., B]` -> `[...]`, the same way as `column_sums`."""
     shape = tf.shape(values)
     lead, length = shape[:-1], _dim(values, -1)
@@ -166,10 +151,10 @@ def _runs(axes):
     return [tuple(run) for run in runs]
 
 
-def sum_over(values, axes, block=BLOCK):
+def sum_over(values, axes, build, block=None):
     """`tf.reduce_sum(values, axes, keepdims=True)`, arranged to be fast under XLA.
 
-    `block` is the length of the fused first stage (see `BLOCK`). Handled
+    `block` is the length of the fused first stage (`build.block` by default). Handled
     layouts, after a free reshape (K kept, R reduced, in memory order):
 
       [R, K]          channels-last: column sums.
@@ -180,17 +165,18 @@ def sum_over(values, axes, block=BLOCK):
                       With many samples XLA turns the batched product into
                       one matmul by transposing the partial sums inside the
                       first stage (HLO: reduce -> transpose -> copy in one
-                      fusion), which reads x less regularly: 3.7 ms per sum
-                      on 64x56x56x64 against 2.0 ms for [R, K]; up to
-                      `GROUP_MATMUL_LIMIT` samples a block-diagonal product
+                      fusion), which reads x less regularly; up to
+                      `build.group_matmul_limit` samples a block-diagonal product
                       avoids that (`_group_totals`).
 
-    Other layouts, and graphs not built for XLA, use `tf.reduce_sum`.
+    Other layouts, and builds without `block_sums`, use `tf.reduce_sum`.
     """
     rank = values.shape.rank
     axes = tuple(sorted(a % rank for a in axes))
-    if not built_for_xla():
+    if not build.block_sums:
         return tf.reduce_sum(values, axis=axes, keepdims=True)
+    block = build.block if block is None else block
+    limit = build.group_matmul_limit
     kept = [axis for axis in range(rank) if axis not in axes]
     kept_runs = _runs(kept)
     if not kept or not axes or len(kept_runs) > 2 or (len(kept_runs) == 2 and kept[0] != 0):
@@ -204,7 +190,7 @@ def sum_over(values, axes, block=BLOCK):
     if len(kept_runs) == 2:
         (_, lead_end), (first, end) = kept_runs
         view = tf.reshape(values, tf.stack([size(0, lead_end), size(lead_end, first), size(first, rank)]))
-        per_sample = column_sums(view, block)
+        per_sample = column_sums(view, block, limit)
         if end < rank:
             per_sample = tf.reduce_sum(
                 tf.reshape(per_sample, tf.stack([size(0, lead_end), size(first, end), size(end, rank)])),
@@ -214,28 +200,29 @@ def sum_over(values, axes, block=BLOCK):
     ((first, end),) = kept_runs
     outer, channels = size(0, first), size(first, end)
     if end == rank:
-        total = column_sums(tf.reshape(values, tf.stack([outer, channels])), block)
+        total = column_sums(tf.reshape(values, tf.stack([outer, channels])), block, limit)
     else:
         # Channels-first: sum each channel's contiguous run first, leaving
         # [P, C] (P = outer) to sum over P.
         per_row = row_sums(tf.reshape(values, tf.stack([outer, channels, size(end, rank)])), block)
-        total = column_sums(per_row, block) if first > 0 else tf.reshape(per_row, [-1])
+        total = column_sums(per_row, block, limit) if first > 0 else tf.reshape(per_row, [-1])
     return tf.reshape(total, kept_shape)
 
 
-def sum_pair(first, second, axes):
+def sum_pair(first, second, axes, build):
     """`(sum_over(first, axes), sum_over(second, axes))` in one pass.
 
     The pair is packed as one complex tensor `first + i·second`, so XLA reads
     the inputs of both in a single fused reduction (and one matrix product adds
     the partial sums) instead of two: the backward's Σ dy and Σ dy (x - μ) read
-    dy and x once (backward on 64x56x56x64: 10.4 ms against 12.4 ms for two
-    sums). Real and imaginary parts are added separately, exactly as the two
-    float sums would be.
+    dy and x once (docs/decisions/011-complex-packed-pair-sum.md). Real and
+    imaginary parts are added separately, exactly as the two float sums would be.
     """
-    if first.dtype not in (tf.float32, tf.float64) or not built_for_xla():
-        return sum_over(first, axes), sum_over(second, axes)
-    total = sum_over(tf.complex(first, second), axes, TWO_INPUT_BLOCK)
+    if not axes:  # nothing to sum (group norm of rank 2: one channel per position)
+        return first, second
+    if first.dtype not in (tf.float32, tf.float64) or not build.block_sums:
+        return sum_over(first, axes, build), sum_over(second, axes, build)
+    total = sum_over(tf.complex(first, second), axes, build, build.two_input_block)
     return tf.math.real(total), tf.math.imag(total)
 
 
@@ -279,14 +266,15 @@ def _mask_shape(x, mask, axes):
     return tf.where(reduced, tf.shape(x), tf.shape(mask))
 
 
-def moments(x, axes, mask=None):
+def moments(x, axes, mask, build):
     """Mean, biased variance and element count of `x` over `axes`.
 
     Args:
       x: float tensor.
       axes: tuple of axes to reduce.
-      mask: optional boolean tensor broadcastable to `x`; False positions are
-        excluded. Their values never enter the statistics, even NaN or inf.
+      mask: None, or a boolean tensor broadcastable to `x`; False positions
+        are excluded. Their values never enter the statistics, even NaN or inf.
+      build: the `Build` (block sums, differentiable statistics, residuals).
 
     Returns:
       `(mean, variance, count)` with reduced axes kept as size 1. Where `count`
@@ -294,8 +282,8 @@ def moments(x, axes, mask=None):
       NaN.
 
     The statistics carry no gradient (the normalisation's custom gradient
-    accounts for them), except in `differentiable_statistics()` mode (to
-    differentiate a gradient, and in calls no tape records). The
+    accounts for them), except with `build.differentiable` (to differentiate
+    a gradient, and in calls no tape records). The
     `stop_gradient` on the results also keeps the reshapes inside `sum_over`
     off the backward pass: TensorFlow builds a gradient for every op between
     a function's inputs and outputs, and a gradient of a reshape by a
@@ -303,20 +291,20 @@ def moments(x, axes, mask=None):
     an input, which XLA's constant analysis then traces back to the values of
     `x` (recompiling, and constant-folding the whole step, on every call).
     """
-    differentiable = statistics_are_differentiable()
+    differentiable = build.differentiable
     if not differentiable:
         x = tf.stop_gradient(x)
     count = element_count(x, axes, mask)
     divisor = at_least_one(count)
     if mask is None:
-        mean = sum_over(x, axes) / divisor
+        mean = sum_over(x, axes, build) / divisor
         deviation = tf.square(x - mean)
     else:
         zeros = tf.zeros_like(x)
-        mean = sum_over(tf.where(mask, x, zeros), axes) / divisor
+        mean = sum_over(tf.where(mask, x, zeros), axes, build) / divisor
         deviation = tf.where(mask, tf.square(x - mean), zeros)
-    variance = sum_over(deviation, axes) / divisor
+    variance = sum_over(deviation, axes, build) / divisor
     if differentiable:
         return mean, variance, count  # the count never depends on x's values
     # Saved by a kernel's forward program for its backward (see `compile.py`).
-    return tuple(residual(tf.stop_gradient(t)) for t in (mean, variance, count))
+    return tuple(build.residual(tf.stop_gradient(t)) for t in (mean, variance, count))

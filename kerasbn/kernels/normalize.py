@@ -27,6 +27,14 @@ With statistics per ghost batch (`ghost_batch_norm.py`), μ_B, σ_B, N, S1, S2,
 r and d vary along a ghost axis over which γ and β are broadcast: the formulas
 above hold per ghost batch, and dγ, dβ are summed over the ghost axis.
 
+Group norm (`group_norm.py`) is the same computation on the grouped view
+[N, ..., G, C/G]: one statistic per sample and group, and γ, β varying along
+the member axis C/G inside each statistic. With g = γ r dy the formulas hold
+as dx = (g - S1/N - x̂ S2/N) / sqrt(σ² + ε), S1 = Σ g, S2 = Σ g x̂, which the
+backward computes from the per-channel sums A = Σ dy, B = Σ dy x̂ over the
+other axes (S1 = Σ_member γ r A, S2 = Σ_member γ r B); for batch norm there
+is no member axis and these are the formulas above.
+
 With statistics synchronised across replicas, N, S1 and S2 in dx are global: an
 `all_reduce` callable sums (S1, S2) over replicas, while dβ and dγ stay local
 (the distribution strategy sums the weight gradients itself).
@@ -41,8 +49,7 @@ import tensorflow as tf
 
 from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate, activation_gradient
-from kerasbn.kernels.compile import built_for_xla, statistics_are_differentiable
-from kerasbn.kernels.moments import at_least_one, known_count, sum_pair
+from kerasbn.kernels.moments import at_least_one, known_count, sum_over, sum_pair
 
 
 def inverse_std(variance, count, epsilon):
@@ -76,7 +83,7 @@ def pre_activation(x, gamma, beta, mean, inv_std, r=None, d=None):
     return (x - mean) * scale + shift
 
 
-def kept_for_backward(z, activation):
+def kept_for_backward(z, activation, build):
     """The pre-activation `z` the backward reads, or None to recompute it from `x`.
 
     XLA fuses the recomputation into the backward's passes over `x`, so
@@ -84,7 +91,7 @@ def kept_for_backward(z, activation):
     memory, so a graph not built for XLA keeps `z`, as Keras' separate
     activation layer does.
     """
-    return z if activation is not None and not built_for_xla() else None
+    return z if activation is not None and not build.for_xla else None
 
 
 def normalize_backward(
@@ -97,6 +104,8 @@ def normalize_backward(
     count,
     *,
     axes,
+    build,
+    member_axes=(),
     mask=None,
     r=None,
     d=None,
@@ -111,6 +120,9 @@ def normalize_backward(
       x, gamma, beta, mean, inv_std, count, r, d: as in the forward (broadcast
         shape).
       axes: the reduced axes.
+      build: the `Build` (how the sums are arranged, which gradient ops).
+      member_axes: the reduced axes along which γ and β vary (group norm's
+        channels within a group); () when they are constant per statistic.
       mask: optional boolean tensor broadcastable to `x`.
       all_reduce: optional callable summing a list of tensors over replicas.
       activation: the fused activation's name, or None.
@@ -120,25 +132,31 @@ def normalize_backward(
     Returns:
       `dx` (shape of `x`) and `dγ`, `dβ` in the broadcast shape of `gamma` and
       `beta` (summed over the axes along which the statistics vary and the
-      parameters are broadcast: the ghost axis of per-ghost-batch statistics).
+      parameters are broadcast: the ghost axis, group norm's samples).
     """
     divisor = at_least_one(count)
-    scale, shift = affine_factors(gamma, beta, inv_std, r, d)
+    scale, _ = affine_factors(gamma, beta, inv_std, r, d)
     if activation is not None:
         # dz = dy f'(z); recomputed, z costs XLA nothing: it fuses into both passes below.
         if z is None:
             z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
-        dy = activation_gradient(dy, z, activation)
-    # S2 = Σ dy x̂ = inv_std Σ dy (x - μ): one multiply per element fewer.
-    sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes)
+        dy = activation_gradient(dy, z, activation, build)
+    # Per statistic and parameter position, one pass over dy and x:
+    # A = Σ dy and B = Σ dy x̂ = inv_std Σ dy (x - μ).
+    parameter_axes = tuple(axis for axis in axes if axis not in member_axes)
+    sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), parameter_axes, build)
     sum_dy_xhat = sum_dy_centred * inv_std
-    global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+    # With g = γ r dy: S1 = Σ g = Σ_members γ r A and S2 = Σ g x̂ = Σ_members γ r B.
+    factor = gamma if r is None else gamma * r
+    s1, s2 = factor * sum_dy, factor * sum_dy_xhat
+    if member_axes:
+        s1, s2 = sum_over(s1, member_axes, build), sum_over(s2, member_axes, build)
     if all_reduce is not None:
-        global_dy, global_dy_xhat = all_reduce([sum_dy, sum_dy_xhat])
-    # scale (dy - S1/N - x̂ S2/N) = dy scale - [(x - μ) a + b],
-    # a = scale inv_std S2/N,  b = scale S1/N  (per feature).
-    slope = scale * inv_std * (global_dy_xhat / divisor)
-    offset = scale * (global_dy / divisor)
+        s1, s2 = all_reduce([s1, s2])
+    # dx = inv_std (g - S1/N - x̂ S2/N) = dy scale - [(x - μ) a + b],
+    # a = inv_std² S2/N,  b = inv_std S1/N  (per statistic).
+    slope = inv_std * inv_std * (s2 / divisor)
+    offset = inv_std * (s1 / divisor)
     statistics_term = (x - mean) * slope + offset
     if mask is not None:
         statistics_term = tf.where(mask, statistics_term, tf.zeros_like(statistics_term))
@@ -171,6 +189,8 @@ def normalize_with_batch_statistics(
     *,
     epsilon,
     axes,
+    build,
+    member_axes=(),
     mask=None,
     r=None,
     d=None,
@@ -182,10 +202,13 @@ def normalize_with_batch_statistics(
     Args:
       x: float tensor.
       gamma, beta: per-feature tensors already shaped to broadcast against `x`.
-      mean, variance, count: outputs of `moments(x, axes, mask)` (under
-        stop_gradient, except in `differentiable_statistics()` mode).
+      mean, variance, count: outputs of `moments(x, axes, mask, build)`
+        (under stop_gradient, except with `build.differentiable`).
       epsilon: Python float added to the variance.
       axes: tuple of reduced axes.
+      build: the `Build`; with `differentiable`, plain autodiff ops.
+      member_axes: reduced axes along which γ and β vary (group norm's
+        channels within a group), see `normalize_backward`.
       mask: optional boolean tensor broadcastable to `x`.
       r, d: optional broadcastable renormalisation corrections (treated as
         constants).
@@ -201,14 +224,14 @@ def normalize_with_batch_statistics(
     if r is not None:
         r = tf.stop_gradient(r)
         d = tf.stop_gradient(d)
-    if statistics_are_differentiable():  # for a gradient of the gradient
+    if build.differentiable:  # exact to any order: autodiff of the formula
         return normalize_forward(x, gamma, beta, mean, inv_std, r, d, activation)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
         z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
         y = activate(z, activation)
-        z = kept_for_backward(z, activation)
+        z = kept_for_backward(z, activation, build)
 
         def grad(dy):
             # Without the private API to tell, first-order training must go on.
@@ -228,6 +251,8 @@ def normalize_with_batch_statistics(
                 inv_std,
                 count,
                 axes=axes,
+                build=build,
+                member_axes=member_axes,
                 mask=mask,
                 r=r,
                 d=d,

@@ -19,15 +19,12 @@ all-reduces its two per-feature sums (see `normalize.py`).
 
 Nothing here knows about `tf.distribute`: the caller passes `all_reduce`, a
 function summing a list of tensors over replicas. Collective operations cannot
-run inside an XLA cluster on CPU, so these functions are traced into the
-caller's graph rather than compiled as one kernel.
+run inside an XLA cluster on CPU, so a synchronized step runs inline in the
+caller's graph (`routing.choose_route`: `collective`).
 """
 
 import tensorflow as tf
 
-from kerasbn.kernels.batch_norm import affine_parameters, batch_moments, updated_moving_statistics
-from kerasbn.kernels.batch_renorm import batch_renorm_step
-from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
 
 def combine_moments(mean, variance, count, shift, all_reduce):
@@ -60,88 +57,3 @@ def combine_moments(mean, variance, count, shift, all_reduce):
         return tf.reshape(tf.cast(values, dtype), shape)
 
     return back(global_mean), back(global_variance), back(total_n)
-
-
-def synchronized_batch_norm_train(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    mask=None,
-    *,
-    all_reduce,
-    momentum,
-    epsilon,
-    feature_axes,
-    activation=None,
-):
-    """`batch_norm_train` with the statistics of the global batch.
-
-    Same arguments and results as `kernels.batch_norm.batch_norm_train`, plus
-    `all_reduce`. Every replica returns identical moving statistics.
-    """
-    mean, variance, count, axes, mask = batch_moments(x, feature_axes, mask)
-    mean, variance, count = combine_moments(mean, variance, count, moving_mean, all_reduce)
-    gamma_b, beta_b = affine_parameters(x, gamma, beta, feature_axes, tf.shape(moving_mean))
-    y = normalize_with_batch_statistics(
-        x,
-        gamma_b,
-        beta_b,
-        mean,
-        variance,
-        count,
-        epsilon=epsilon,
-        axes=axes,
-        mask=mask,
-        all_reduce=all_reduce,
-        activation=activation,
-    )
-    new_mean, new_variance = updated_moving_statistics(
-        moving_mean, moving_variance, mean, variance, count, momentum
-    )
-    return y, new_mean, new_variance
-
-
-def synchronized_batch_renorm_train(
-    x,
-    gamma,
-    beta,
-    state,
-    mask,
-    r_max,
-    d_max,
-    *,
-    all_reduce,
-    momentum,
-    renorm_momentum,
-    epsilon,
-    feature_axes,
-    activation=None,
-):
-    """`batch_renorm_train` with the statistics of the global batch.
-
-    Same arguments and results as `kernels.batch_renorm.batch_renorm_train`,
-    plus `all_reduce`. The corrections r and d are computed from the global
-    statistics, so every replica applies the same ones.
-    """
-
-    def combine(mean, variance, count):
-        return combine_moments(mean, variance, count, state["moving_mean"], all_reduce)
-
-    return batch_renorm_step(
-        x,
-        gamma,
-        beta,
-        state,
-        mask,
-        r_max,
-        d_max,
-        momentum=momentum,
-        renorm_momentum=renorm_momentum,
-        epsilon=epsilon,
-        feature_axes=feature_axes,
-        combine=combine,
-        all_reduce=all_reduce,
-        activation=activation,
-    )

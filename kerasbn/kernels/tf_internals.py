@@ -20,10 +20,13 @@ function has a fallback that keeps results exact when its API is gone:
 
 With the fallbacks, the kernels take their exact but slower path: TensorFlow's
 autodiff of the plain formula instead of the hand-derived gradient
-(`compile.Compiled`), and no assumption of an outer XLA program. A TensorFlow
+(`engine.Kernel`), and no assumption of an outer XLA program. A TensorFlow
 upgrade that removes one of these APIs therefore costs speed, never
 correctness; `MISSING` lists what was not found, and a test fails loudly on it.
+`without_private_apis()` runs a block as on such a release (for tests).
 """
+
+import contextlib
 
 import tensorflow as tf
 
@@ -77,6 +80,32 @@ _IN_XLA_CONTEXT = _load(
     "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext", _xla_context
 )
 _IS_MKL_ENABLED = _load("tensorflow.python.util._pywrap_util_port.IsMklEnabled", _is_mkl_enabled)
+
+
+_LOADED = {
+    "forward_accumulator_watches": "_PACK_TANGENTS",
+    "gradient_recorded": "_SHOULD_RECORD",
+    "gradient_possibly_watched": "_POSSIBLE_TYPES",
+    "in_xla_context": "_IN_XLA_CONTEXT",
+    "onednn_enabled": "_IS_MKL_ENABLED",
+}
+
+
+@contextlib.contextmanager
+def without_private_apis(*functions):
+    """Within this block (every thread), the named functions of this module
+    (default: all) take their fallback, as on a TensorFlow release where
+    their private API is gone. For tests. `ValueError` for an unknown name."""
+    unknown = set(functions) - set(_LOADED)
+    if unknown:
+        raise ValueError(f"Argument `functions` must name functions of {sorted(_LOADED)}. Received: {sorted(unknown)}")
+    names = [_LOADED[function] for function in functions or _LOADED]
+    saved = {name: globals()[name] for name in names}
+    globals().update(dict.fromkeys(names))
+    try:
+        yield
+    finally:
+        globals().update(saved)
 
 
 def forward_accumulator_watches(tensors):

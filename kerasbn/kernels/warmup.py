@@ -1,14 +1,13 @@
-"""When a training kernel is worth compiling with XLA: shapes that recur.
+"""When a training call is worth its XLA programs: shapes that recur, counted at run time.
 
 XLA compiles a program once per concrete input shape, which costs far more than
-one call saves (about a second for a batch norm's forward and backward
-programs, against a few milliseconds gained per call). So a training kernel
+one call saves (docs/decisions/001-xla-only-for-recurring-shapes.md). So a training kernel
 called outside an XLA-compiled function starts on its plain TensorFlow graph
 for every new input shape, and switches to its XLA programs once that shape has
 been used `warmup_calls` times: the steady batch of a training run is compiled
 early on, while the last, partial batch of an epoch, or a sequence length seen
-a few times, never waits for a compiler. At most `max_shapes` shapes are
-compiled per kernel and configuration; further shapes stay plain, with a
+a few times, never waits for a compiler (`Policy.warmup_calls`). At most
+`Policy.max_shapes` shapes are compiled per layer; further shapes stay plain, with a
 one-time warning (training on many distinct shapes, e.g. unpadded sequences,
 would otherwise compile without end).
 
@@ -19,38 +18,12 @@ size sees all of them). Layers whose inputs have the same shape share the
 compiled programs: XLA caches them by shape.
 """
 
-import contextlib
 import itertools
 import threading
 import warnings
 
 import tensorflow as tf
 
-DEFAULT_WARMUP_CALLS = 50
-DEFAULT_MAX_SHAPES = 16
-# Below this many input elements a training call is never compiled: running an
-# XLA program has a fixed cost (about 0.3 ms for a normalization's forward and
-# backward on a 2-core AVX2 CPU) that a small input does not win back. Measured
-# there (oneDNN off), one training step of a layer, XLA programs against plain
-# ops inline in the caller's graph, in ms: BatchNorm (64, 64) 0.99 / 0.58,
-# (32, 4, 4, 64) 1.18 / 0.77, (32, 8, 8, 32) 1.40 / 1.25, (32, 8, 8, 64)
-# 1.60 / 2.26; GroupNorm(8) (32, 4, 4, 64) 1.20 / 0.98, (32, 8, 8, 32)
-# 1.27 / 2.19. A 12-layer MLP of width 64 at batch 64 trained 2.5x faster.
-# In whole models the crossover is higher: inline plain ops fuse with their
-# neighbours and cost no program call, so they win up to about 2^20 elements
-# although a layer alone is faster on its XLA programs from about 2^17. One
-# process, 6 interleaved rounds, Keras' plain training step ÷ ours at
-# min_elements 2^16 / 2^18 / 2^20: MobileNetV2 (batch 32, 96x96) 1.24 / 1.19 /
-# 1.28, EfficientNetB0 1.05 / 1.10 / 1.11, ResNet50 (16, 64x64) 1.04 / 1.02 /
-# 1.02, DenseNet121 (16, 64x64) 0.92 / 0.90 / 1.00 (an earlier run: DenseNet121
-# 0.96 at 2^16, 1.04 at 2^20).
-DEFAULT_MIN_ELEMENTS = 1 << 20
-
-_settings = {
-    "warmup_calls": DEFAULT_WARMUP_CALLS,
-    "max_shapes": DEFAULT_MAX_SHAPES,
-    "min_elements": DEFAULT_MIN_ELEMENTS,
-}
 _lock = threading.Lock()
 
 # A shape that reached the limit is stored with this count: it stays plain.
@@ -59,58 +32,6 @@ _REFUSED = -1
 # keeps the id of its `ShapeUse` (which names the caller in the warning).
 _PROMOTED_KEY = -1
 _ID_KEY = -2
-
-
-def _check_count(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Argument `{name}` must be an int >= 0. Received: {name}={value!r}")
-    return value
-
-
-def get_xla_policy():
-    """The current `{"warmup_calls": int, "max_shapes": int, "min_elements": int}`."""
-    return dict(_settings)
-
-
-def set_xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
-    """Sets when training kernels are XLA-compiled (for kernels traced from now on).
-
-    Args:
-      warmup_calls: int >= 0, default 50. Training calls at an input shape run
-        the plain graph this many times before that shape is compiled; 0
-        compiles at the first call. `ValueError` if negative or not an int.
-      max_shapes: int >= 0, default 16. Shapes compiled per kernel and
-        configuration; further shapes stay plain (a warning says so once). 0
-        never compiles. `ValueError` if negative or not an int.
-      min_elements: int >= 0, default 1048576 (2^20). Inputs with fewer elements are
-        never compiled: their training calls run plain ops, inline in the
-        caller's graph when the shape is known while tracing. 0 lets every
-        size compile (except a `BatchNorm` under oneDNN, whose float32 NHWC
-        inputs of at least 96 Ki elements and a shape known while tracing run
-        TensorFlow's fused op inline: docs/xla.md). `ValueError` if negative
-        or not an int.
-
-    Graphs already traced keep the policy they were traced with.
-    """
-    updates = {}
-    if warmup_calls is not None:
-        updates["warmup_calls"] = _check_count(warmup_calls, "warmup_calls")
-    if max_shapes is not None:
-        updates["max_shapes"] = _check_count(max_shapes, "max_shapes")
-    if min_elements is not None:
-        updates["min_elements"] = _check_count(min_elements, "min_elements")
-    _settings.update(updates)
-
-
-@contextlib.contextmanager
-def xla_policy(warmup_calls=None, max_shapes=None, min_elements=None):
-    """`set_xla_policy` for the duration of a `with` block (tests, benchmarks)."""
-    previous = get_xla_policy()
-    set_xla_policy(warmup_calls, max_shapes, min_elements)
-    try:
-        yield
-    finally:
-        _settings.update(previous)
 
 
 def _shape_key(shape):
@@ -126,13 +47,13 @@ _ids = itertools.count(1)
 _warned = set()
 
 
-def _warn_once(caller_id):
+def _warn_once(caller_id, limit):
     caller = int(caller_id.numpy())
     if caller not in _warned:
         _warned.add(caller)
         warnings.warn(
             f"kerasbn: {_descriptions.get(caller, 'a kernel')} has been XLA-compiled for "
-            f"{_settings['max_shapes']} input shapes; new shapes run its plain TensorFlow "
+            f"{int(limit.numpy())} input shapes; new shapes run its plain TensorFlow "
             "graph (correct, slower). Pad inputs to a few fixed shapes, or raise the limit "
             "with kerasbn.kernels.set_xla_policy(max_shapes=...).",
             RuntimeWarning,
@@ -211,7 +132,7 @@ def decide(handle, x, warmup, limit, min_elements=0):
         _insert(handle, _PROMOTED_KEY, promoted + promoted_now),
         tf.cond(
             refused,
-            lambda: tf.py_function(_warn_once, [_find(handle, _ID_KEY)], tf.int32),
+            lambda: tf.py_function(_warn_once, [_find(handle, _ID_KEY), tf.constant(limit, tf.int64)], tf.int32),
             lambda: tf.constant(0),
         ),
     ]

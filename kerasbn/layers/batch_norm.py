@@ -1,7 +1,5 @@
 """`kerasbn.BatchNorm`: a drop-in `keras.layers.BatchNormalization`."""
 
-import functools
-
 import keras
 import tensorflow as tf
 from keras import initializers
@@ -250,7 +248,7 @@ class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
     def _inference(self, x, gamma, beta):
         mean = read_variable(self.moving_mean, x.dtype)
         variance = read_variable(self.moving_variance, x.dtype)
-        return kernels.batch_norm_inference.get(self.jit_compile, self._shape_use)(
+        return kernels.batch_norm_inference(
             x,
             gamma,
             beta,
@@ -259,20 +257,39 @@ class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
             epsilon=self.epsilon,
             feature_axes=self.feature_axes,
             activation=self.activation,
+            jit_compile=self.jit_compile,
+            shape_use=self._shape_use,
         )
 
     def _finish(self, y):
         return tf.cast(y, self.compute_dtype)
 
-    def _ghost_options(self, all_reduce):
-        """Keyword arguments of the ghost training steps."""
-        return dict(
+    def _train(self, x, gamma, beta, mask, state_names, limits=None, **options):
+        """One training step (`kernels.train_step`) with this layer's parts;
+        assigns the new moving statistics and returns the output."""
+        state = {name: read_variable(getattr(self, name), x.dtype) for name in state_names}
+        y, new_state = kernels.train_step(
+            x,
+            gamma,
+            beta,
+            state,
+            mask,
+            limits,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            feature_axes=self.feature_axes,
             virtual_batch_size=self.virtual_batch_size,
             moving_statistics=self.moving_statistics,
-            all_reduce=all_reduce,
+            all_reduce=cross_replica_sum() if self.synchronized else None,
+            activation=self.activation,
             jit_compile=self.jit_compile,
             shape_use=self._shape_use,
+            **options,
         )
+        for name, value in new_state.items():
+            variable = getattr(self, name)
+            variable.assign(tf.cast(value, variable.dtype))
+        return y
 
     # -------------------------------------------------------------------------
 
@@ -282,30 +299,7 @@ class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))
-        train_step = kernels.batch_norm_train.get(self.jit_compile, self._shape_use)
-        all_reduce = cross_replica_sum() if self.synchronized else None
-        if self.virtual_batch_size is not None:
-            train_step = functools.partial(
-                kernels.ghost_batch_norm_train, **self._ghost_options(all_reduce)
-            )
-        elif all_reduce is not None:
-            train_step = functools.partial(
-                kernels.synchronized_batch_norm_train, all_reduce=all_reduce
-            )
-        y, new_mean, new_variance = train_step(
-            x,
-            gamma,
-            beta,
-            read_variable(self.moving_mean, x.dtype),
-            read_variable(self.moving_variance, x.dtype),
-            mask,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            feature_axes=self.feature_axes,
-            activation=self.activation,
-        )
-        self.moving_mean.assign(tf.cast(new_mean, self.moving_mean.dtype))
-        self.moving_variance.assign(tf.cast(new_variance, self.moving_variance.dtype))
+        y = self._train(x, gamma, beta, mask, ("moving_mean", "moving_variance"))
         return self._finish(y)
 
     def get_config(self):

@@ -3,11 +3,8 @@
 import keras
 import tensorflow as tf
 
-from kerasbn import kernels
 from kerasbn.layers import arguments, composite
 from kerasbn.layers.batch_norm import BatchNorm
-from kerasbn.layers.precision import read_variable
-from kerasbn.layers.replicas import cross_replica_sum
 from kerasbn.layers.weights import add_statistic_weight
 
 _STATE = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
@@ -130,30 +127,9 @@ class BatchRenorm(BatchNorm):
         x, gamma, beta = self._prepare(inputs, mask)
         if not self._is_training(training):
             return self._finish(self._inference(x, gamma, beta))
-        state = {name: read_variable(getattr(self, name), x.dtype) for name in _STATE}
-        r_max, d_max = self.current_limits()
-        options = dict(
-            momentum=self.momentum,
-            renorm_momentum=self.renorm_momentum,
-            epsilon=self.epsilon,
-            feature_axes=self.feature_axes,
-            activation=self.activation,
+        y = self._train(
+            x, gamma, beta, mask, _STATE, self.current_limits(), renorm_momentum=self.renorm_momentum
         )
-        all_reduce = cross_replica_sum() if self.synchronized else None
-        if self.virtual_batch_size is not None:
-            y, new_state = kernels.ghost_batch_renorm_train(
-                x, gamma, beta, state, mask, r_max, d_max, **self._ghost_options(all_reduce), **options
-            )
-        elif all_reduce is not None:
-            y, new_state = kernels.synchronized_batch_renorm_train(
-                x, gamma, beta, state, mask, r_max, d_max, all_reduce=all_reduce, **options
-            )
-        else:
-            train_step = kernels.batch_renorm_train.get(self.jit_compile, self._shape_use)
-            y, new_state = train_step(x, gamma, beta, state, mask, r_max, d_max, **options)
-        for name, value in new_state.items():
-            variable = getattr(self, name)
-            variable.assign(tf.cast(value, variable.dtype))
         self.step.assign_add(tf.constant(1, self.step.dtype))
         return self._finish(y)
 

@@ -148,7 +148,7 @@ class GroupNorm(composite.CompositeInputs, keras.layers.Layer):
         if mask is not None:
             arguments.check_mask_shape(tuple(mask.shape), tuple(inputs.shape), (self.channel_axis,))
         dtype = statistics_dtype(inputs.dtype, self.variable_dtype)
-        y = kernels.group_norm.get(self.jit_compile, self._shape_use)(
+        y = kernels.group_norm(
             tf.cast(inputs, dtype),
             read_variable(self.gamma, dtype),
             read_variable(self.beta, dtype),
@@ -157,6 +157,8 @@ class GroupNorm(composite.CompositeInputs, keras.layers.Layer):
             epsilon=self.epsilon,
             channel_axis=self.channel_axis,
             activation=self.activation,
+            jit_compile=self.jit_compile,
+            shape_use=self._shape_use,
         )
         return tf.cast(y, self.compute_dtype)
 

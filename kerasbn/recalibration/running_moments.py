@@ -11,6 +11,7 @@ so no E[x²] − E[x]² cancellation happens at any scale.
 
 import tensorflow as tf
 
+from kerasbn.kernels.build import Build
 from kerasbn.kernels.moments import moments
 
 
@@ -26,7 +27,7 @@ class RunningMoments:
         """Adds a batch `x` (features on `feature_axes`; boolean `mask` broadcastable)."""
         axes = tuple(a for a in range(x.shape.rank) if a not in feature_axes)
         x = tf.cast(x, tf.float64)
-        mean, variance, count = moments(x, axes, mask)
+        mean, variance, count = moments(x, axes, mask, Build())
         shape = tf.shape(self.mean)
         batch_count = tf.reshape(tf.broadcast_to(count, tf.shape(mean)), shape)
         batch_mean = tf.reshape(mean, shape)

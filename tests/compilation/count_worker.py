@@ -25,13 +25,12 @@ import tensorflow as tf  # noqa: E402
 
 import kerasbn  # noqa: E402
 from kerasbn import kernels  # noqa: E402
-from kerasbn.kernels import tf_internals  # noqa: E402
 
 # The policy counted here is our XLA programs'. With oneDNN on, a BatchNorm on
 # float32 NHWC of at least 96 Ki elements runs TensorFlow's fused op instead
 # and compiles nothing (tests/test_fused_training.py): the worker takes the
-# oneDNN-off path.
-tf_internals._IS_MKL_ENABLED = lambda: False
+# oneDNN-off path (the policy's platform).
+kernels.set_xla_policy(platform="cpu")
 
 WARMUP = 3
 
@@ -100,7 +99,7 @@ def main(dump, output):
             phase(f"limit: recurring shape {batch}")
     counts["limit warnings"] = sum("XLA-compiled for 2 input shapes" in str(w.message) for w in caught)
     # fit with a partial last batch, default policy (50 warm-up calls): no compilation.
-    kernels.set_xla_policy(warmup_calls=kernels.warmup.DEFAULT_WARMUP_CALLS)
+    kernels.set_xla_policy(warmup_calls=kernels.Policy().warmup_calls)
     model = model_with(norms["GroupNorm"], channels=8)
     model.compile(optimizer="sgd", loss="mse")
     x = rng.normal(size=(70, 6, 6, 3)).astype("float32")
@@ -113,7 +112,7 @@ def main(dump, output):
 
 def size_threshold_phases(rng, phase):
     """Default `min_elements`, no warm-up: small inputs never compile, large ones do."""
-    kernels.set_xla_policy(warmup_calls=0, min_elements=kernels.warmup.DEFAULT_MIN_ELEMENTS)
+    kernels.set_xla_policy(warmup_calls=0, min_elements=kernels.Policy().min_elements)
     for channels, name in ((4, "small"), (2048, "large")):  # 16x6x6x4 and 16x6x6x2048 elements
         model = model_with(lambda: kerasbn.BatchNorm(), channels=channels)
         model.compile(optimizer="sgd", loss="mse")

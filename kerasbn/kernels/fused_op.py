@@ -1,0 +1,158 @@
+"""TensorFlow's fused batch-norm op (`FusedBatchNormV3`) as a route of the kernels.
+
+The router (`routing.choose_route`) sends a call here when the op can compute
+it (`accepts`) and pays: inference in a graph run op by op, where TensorFlow's
+graph optimizer folds the op into a preceding convolution, and training steps
+with oneDNN from `Policy.fused_min_elements` elements, where oneDNN's kernel is
+one pass each way (docs/decisions/003-onednn-fused-training-threshold.md,
+005-fused-inference-op.md). On a GPU the same op is cuDNN's (on paper, untested:
+docs/decisions/022-gpu-route-untested.md). Gradients are TensorFlow's own.
+"""
+
+import tensorflow as tf
+
+from kerasbn.kernels.activations import activate
+
+# cuDNN's smallest epsilon: a served graph may run on a GPU.
+MIN_EPSILON = 1.001e-5
+
+
+def _nhwc_float32(x, feature_axes, epsilon):
+    return (
+        x.dtype == tf.float32
+        and x.shape.rank == 4
+        and tuple(feature_axes) == (3,)
+        and epsilon >= MIN_EPSILON
+    )
+
+
+def accepts_training(x, mask, *, feature_axes, epsilon):
+    """Whether the op can take a training step on `x`: float32 NHWC without a
+    mask, a shape known while tracing with at least two elements per feature
+    (the op returns the Bessel-corrected variance, undone with the count)."""
+    if mask is not None or not _nhwc_float32(x, feature_axes, epsilon):
+        return False
+    if not x.shape.is_fully_defined() or not x.shape[3]:
+        return False
+    return x.shape.num_elements() // x.shape[3] >= 2
+
+
+def accepts_inference(x, *, feature_axes, epsilon):
+    """Whether the op can normalize `x` with given statistics: float32 NHWC."""
+    return _nhwc_float32(x, feature_axes, epsilon)
+
+
+def training_step(x, gamma, beta, *, epsilon, activation):
+    """`(y, statistics)` of a training step: the output and the batch's
+    per-feature `mean`, biased `variance` and element `count`."""
+    y, mean, variance, count = _training(x, gamma, beta, epsilon)
+    statistics = {"mean": mean, "variance": variance, "count": tf.fill(tf.shape(mean), count)}
+    return activate(y, activation), statistics
+
+
+def inference(x, gamma, beta, mean, variance, *, epsilon, activation):
+    """`f(γ (x - mean) / sqrt(variance + ε) + β)` with the given statistics."""
+    return activate(_inference(x, gamma, beta, mean, variance, epsilon), activation)
+
+
+def _training(x, gamma, beta, epsilon):
+    """`(y, mean, variance, count)` of a training step by `FusedBatchNormV3`.
+
+    `y = γ (x - mean) / sqrt(variance + ε) + β` with the batch's mean and
+    biased variance (the op's unbiased one times (n - 1) / n), both per
+    feature, and `count` the constant n; absent γ, β are 1, 0. Its gradient
+    is TensorFlow's (`FusedBatchNormGradV3`): dx, dγ and dβ through the batch
+    statistics, the formulas of `normalize.normalize_backward`.
+    """
+    channels = x.shape[3]
+    count = x.shape.num_elements() // channels
+    ones, zeros = tf.ones([channels], x.dtype), tf.zeros([channels], x.dtype)
+    y, mean, unbiased_variance = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=ones if gamma is None else gamma,
+        offset=zeros if beta is None else beta,
+        mean=zeros,  # not read in training
+        variance=ones,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )[:3]
+    variance = unbiased_variance * ((count - 1) / count)
+    return y, mean, variance, tf.constant(float(count), x.dtype)
+
+
+def _per_channel_sum(x):
+    """`(a, b)` when the graph computes `x` as `a + b` with `b` one value per
+    channel (a bias: Keras' `Conv2D` adds its own as `BiasAdd`), else None.
+
+    Only for a float32 NHWC `x` built in the graph being traced.
+    """
+    if tf.executing_eagerly() or not hasattr(x, "op"):
+        return None
+    op = x.op
+    # Another reader of the sum would need it computed after all, and
+    # without this op TensorFlow's optimizer no longer fuses the addition
+    # into the convolution; control inputs would be bypassed.
+    if x.consumers() or op.control_inputs:
+        return None
+    if op.type == "BiasAdd":
+        if op.get_attr("data_format") not in (b"NHWC", "NHWC"):
+            return None
+        pairs = [(op.inputs[0], op.inputs[1])]
+    elif op.type in ("AddV2", "Add"):
+        pairs = [(op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])]
+    else:
+        return None
+    channels = x.shape[3]
+    if channels is None:
+        return None
+    per_channel_shapes = ([channels], [1, 1, 1, channels])
+    for whole, bias in pairs:
+        if (
+            bias.shape.rank is not None
+            and bias.shape.as_list() in per_channel_shapes
+            and whole.shape.rank == 4
+            and whole.shape[3] == channels
+            and whole.dtype == x.dtype
+        ):
+            return whole, tf.reshape(bias, [channels])
+    return None
+
+
+def _inference(x, gamma, beta, mean, variance, epsilon):
+    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0.
+
+    When `x` is `a + b` with a per-channel `b` (`_per_channel_sum`: a
+    convolution's bias) and nothing else reads `x` yet, the op normalizes `a`
+    with the mean `mean - b`: `(a - (mean - b)) k + β` with
+    `k = γ / sqrt(variance + ε)`, as accurate as `(x - mean) k + β`.
+    TensorFlow's graph optimizer then folds the op into a convolution that
+    produces `a`, as it does when there is no bias, and the addition is
+    never computed. If such a graph is differentiated later, the gradients
+    of `a`, `b`, γ and β stay exact (`b`'s reaches it through a term of the
+    offset that is zero in value, `(b - stop_gradient(b)) k`); the moving
+    statistics get none, as without the bias; and `x` itself is no longer
+    on the path to the output, so a gradient asked of that intermediate
+    tensor is None (docs/decisions/006-inference-bias-fold.md).
+    """
+    scale = tf.ones_like(mean) if gamma is None else gamma
+    offset = tf.zeros_like(mean) if beta is None else beta
+    split = _per_channel_sum(x)
+    if split is not None:
+        x, bias = split
+        mean = tf.stop_gradient(mean - bias)
+        # Zero in value; its gradient is b's: k Σ dy, with dy the output's.
+        bias_path = (bias - tf.stop_gradient(bias)) * scale
+        offset = offset + bias_path * tf.math.rsqrt(tf.stop_gradient(variance) + epsilon)
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=scale,
+        offset=offset,
+        mean=mean,
+        variance=variance,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=False,
+    )[0]

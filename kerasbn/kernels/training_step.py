@@ -1,0 +1,298 @@
+"""The training step of batch normalisation, assembled once for every variant.
+
+A layer chooses parts, not functions:
+
+- statistics: the local batch (default), the global batch across replicas
+  (`all_reduce`: `synchronized.py`), or ghost batches (`virtual_batch_size`:
+  `ghost_batch_norm.py`), whose moving statistics can be global too;
+- correction: none (batch norm) or Ioffe's renormalisation toward the renorm
+  averages (`limits`: `batch_renorm.py`);
+- activation: fused into the normalisation, forward and backward;
+- moving update: the moving mean and variance, and renorm's three more.
+
+`normalize_batch` is the kernel the router runs (statistics, corrections and
+the normalisation with its hand-derived gradient, `normalize.py`); the moving
+update, and the all-reduce of ghost batches' moving statistics, follow it in
+the caller's graph as a few per-feature ops.
+"""
+
+import tensorflow as tf
+
+from kerasbn.kernels import fused_op
+from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
+from kerasbn.kernels.batch_norm import (
+    affine_parameters,
+    statistics_are_usable,
+    updated_moving_statistics,
+)
+from kerasbn.kernels.batch_renorm import renorm_corrections, updated_renorm_statistics
+from kerasbn.kernels.engine import FusedForm, kernel
+from kerasbn.kernels.ghost_batch_norm import combine_ghosts, ghost_parts, moving_statistics_of
+from kerasbn.kernels.moments import moments
+from kerasbn.kernels.normalize import normalize_with_batch_statistics
+from kerasbn.kernels.synchronized import combine_moments
+
+
+class Part:
+    """A piece of the batch normalised with its own statistics: the whole batch,
+    the remainder of a ghost split (one ghost batch), or the full ghost batches
+    stacked as `[q, v, ...]` (`ghost_axis`, one statistic per ghost batch)."""
+
+    def __init__(self, values, mask, feature_axes, ghost_axis, build):
+        lead = 1 if ghost_axis else 0
+        self.values, self.mask, self.ghost_axis = values, mask, ghost_axis
+        # Known to hold no example while tracing: left out of the output.
+        self.empty = values.shape[0] == 0
+        self.axes = tuple(
+            axis
+            for axis in reduction_axes(values.shape.rank, tuple(a + lead for a in feature_axes))
+            if axis >= lead
+        )
+        self.mean, self.variance, self.count = moments(values, self.axes, mask, build)
+
+    def examples(self):
+        """Number of examples in this part, as a tensor."""
+        shape = tf.shape(self.values)
+        return shape[0] * shape[1] if self.ghost_axis else shape[0]
+
+    def broadcast(self, parameter):
+        """A per-feature tensor in the input's broadcast shape, for this part."""
+        return tf.expand_dims(parameter, 0) if self.ghost_axis else parameter
+
+    def per_ghost(self, value, feature_shape):
+        """`[ghost batches, *feature_shape]` from a statistic in broadcast shape."""
+        value = tf.broadcast_to(value, tf.shape(self.mean))
+        ghosts = tf.shape(self.values)[:1] if self.ghost_axis else [1]
+        return tf.reshape(value, tf.concat([ghosts, feature_shape], axis=0))
+
+    def statistics(self, feature_shape):
+        """This part's statistics per feature (a part that is the whole batch)."""
+        count = tf.broadcast_to(self.count, tf.shape(self.mean))
+        values = {"mean": self.mean, "variance": self.variance, "count": count}
+        return {name: tf.reshape(value, feature_shape) for name, value in values.items()}
+
+    def normalize(self, gamma, beta, reference, *, epsilon, build, all_reduce, activation):
+        r = d = None
+        if reference is not None:
+            usable = tf.broadcast_to(
+                statistics_are_usable(self.mean, self.variance, self.count), tf.shape(self.mean)
+            )
+            r, d = renorm_corrections(
+                self.mean,
+                self.variance,
+                self.broadcast(reference["renorm_mean"]),
+                self.broadcast(reference["renorm_stddev"]),
+                usable,
+                tf.cast(reference["r_max"], self.values.dtype),
+                tf.cast(reference["d_max"], self.values.dtype),
+                epsilon,
+            )
+        return normalize_with_batch_statistics(
+            self.values,
+            self.broadcast(gamma),
+            self.broadcast(beta),
+            self.mean,
+            self.variance,
+            self.count,
+            epsilon=epsilon,
+            axes=self.axes,
+            build=build,
+            mask=self.mask,
+            r=r,
+            d=d,
+            all_reduce=all_reduce,
+            activation=activation,
+        )
+
+
+def _feature_shape(x, feature_axes):
+    static = [x.shape[axis] for axis in feature_axes]
+    return static if None not in static else tf.gather(tf.shape(x), list(feature_axes))
+
+
+def _accepts_fused_training(x, gamma, beta, mask=None, reference=None, shift=None, **options):
+    del gamma, beta, shift  # `normalize_batch`'s signature
+    plain = reference is None and options.get("virtual_batch_size") is None
+    return (
+        plain
+        and options.get("all_reduce") is None
+        and fused_op.accepts_training(
+            x, mask, feature_axes=options["feature_axes"], epsilon=options["epsilon"]
+        )
+    )
+
+
+def _fused_training(x, gamma, beta, mask=None, reference=None, shift=None, *, epsilon, activation=None, **_):
+    del mask, reference, shift  # none: `_accepts_fused_training`
+    return fused_op.training_step(x, gamma, beta, epsilon=epsilon, activation=activation)
+
+
+@kernel(fused=FusedForm("training", _accepts_fused_training, _fused_training))
+def normalize_batch(
+    x,
+    gamma,
+    beta,
+    mask=None,
+    reference=None,
+    shift=None,
+    *,
+    build,
+    epsilon,
+    feature_axes,
+    virtual_batch_size=None,
+    all_reduce=None,
+    activation=None,
+):
+    """Normalises `x` with its batch statistics, corrected toward `reference` if given.
+
+    Args:
+      x: float tensor of rank 2 or more (float32 or float64), batch axis 0.
+      gamma, beta: per-feature tensors, or None for no scale / no offset.
+      mask: optional boolean tensor of `x`'s shape without the feature axes.
+      reference: None, or for batch renormalisation a dict of per-feature
+        `renorm_mean`, `renorm_stddev` and scalar `r_max`, `d_max`.
+      shift: with `all_reduce`, the per-feature moving mean (identical on
+        every replica) about which the replicas' moments are combined.
+      build: the `Build` the route made (see `build.py`).
+      epsilon: Python float.
+      feature_axes: sorted tuple of non-negative feature axes (0 excluded).
+      virtual_batch_size: None, or Python int >= 1: statistics per ghost batch.
+      all_reduce: None, or (without ghost batches) a callable summing a list
+        of tensors over replicas: the statistics are the global batch's.
+      activation: None, or the name of a fused activation.
+
+    Returns:
+      `(y, statistics)`: the output (shape and dtype of `x`), and the whole
+      local batch's per-feature `mean`, `variance` and `count` (global with
+      `all_reduce`), plus `ghost_variance` with ghost batches, without gradient.
+    """
+    rank = x.shape.rank
+    if mask is not None:
+        mask = mask_to_broadcast(mask, rank, feature_axes)
+    feature_shape = _feature_shape(x, feature_axes)
+    gamma, beta = affine_parameters(x, gamma, beta, feature_axes, feature_shape)
+    if reference is not None:
+        reference = dict(reference)
+        for name in ("renorm_mean", "renorm_stddev"):
+            reference[name] = to_broadcast(reference[name], rank, feature_axes)
+    options = dict(epsilon=epsilon, build=build, all_reduce=all_reduce, activation=activation)
+    if virtual_batch_size is None:
+        part = Part(x, mask, feature_axes, False, build)
+        if all_reduce is not None:
+            part.mean, part.variance, part.count = combine_moments(
+                part.mean, part.variance, part.count, shift, all_reduce
+            )
+        y = part.normalize(gamma, beta, reference, **options)
+        return y, part.statistics(feature_shape)
+    masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
+    parts = [
+        Part(values, part_mask, feature_axes, ghost_axis, build)
+        for values, part_mask, ghost_axis in zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
+    ]
+    # Parts known to be empty are left out (no concatenation when v divides a
+    # known batch size); an empty batch keeps its (empty) remainder.
+    outputs = []
+    for part in [part for part in parts if not part.empty] or parts[1:]:
+        y = part.normalize(gamma, beta, reference, **options)
+        # Back to examples along axis 0 (the row count given: -1 is ambiguous when empty).
+        outputs.append(tf.reshape(y, tf.concat([[part.examples()], tf.shape(x)[1:]], axis=0)))
+    y = outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
+    y.set_shape(x.shape)
+    return y, combine_ghosts(parts, feature_shape)
+
+
+def train_step(
+    x,
+    gamma,
+    beta,
+    state,
+    mask=None,
+    limits=None,
+    *,
+    momentum,
+    epsilon,
+    feature_axes,
+    renorm_momentum=None,
+    virtual_batch_size=None,
+    moving_statistics="batch",
+    all_reduce=None,
+    activation=None,
+    jit_compile=True,
+    shape_use=None,
+):
+    """One training step of batch normalisation or renormalisation.
+
+    Args:
+      x: float tensor of rank 2 to 5 (float32 or float64), batch axis 0.
+      gamma, beta: per-feature tensors, or None for no scale / no offset.
+      state: dict of per-feature moving statistics: `moving_mean` and
+        `moving_variance`, and for renormalisation `moving_stddev`,
+        `renorm_mean` and `renorm_stddev`.
+      mask: optional boolean tensor of `x`'s shape without the feature axes.
+      limits: None for batch norm, or `(r_max, d_max)` scalar tensors for
+        batch renormalisation (tensors: a schedule does not retrace).
+      momentum, epsilon: Python floats; `renorm_momentum` with `limits`.
+      feature_axes: sorted tuple of non-negative feature axes.
+      virtual_batch_size: None, or examples per ghost batch.
+      moving_statistics: with ghost batches, "batch" or "ghost_mean"
+        (`ghost_batch_norm.py`).
+      all_reduce: None, or a callable summing a list of tensors over
+        replicas: global statistics (for ghost batches, the moving ones).
+      activation: None, or the name of a fused activation.
+      jit_compile, shape_use: the layer's flag and its `warmup.ShapeUse`.
+
+    Returns:
+      `(y, new_state)`, `new_state` with the keys of `state`. The moving
+      averages follow `moving * momentum + batch * (1 - momentum)` with the
+      biased batch variance, and keep their value for a feature whose batch
+      had no element or a non-finite statistic.
+    """
+    reference = None
+    if limits is not None:
+        reference = {
+            "renorm_mean": state["renorm_mean"],
+            "renorm_stddev": state["renorm_stddev"],
+            "r_max": limits[0],
+            "d_max": limits[1],
+        }
+    # Ghost batches never span replicas: only their moving statistics are global.
+    ghost = virtual_batch_size is not None
+    collective = None if ghost else all_reduce
+    y, statistics = normalize_batch(
+        x,
+        gamma,
+        beta,
+        mask,
+        reference,
+        None if collective is None else state["moving_mean"],
+        epsilon=epsilon,
+        feature_axes=feature_axes,
+        virtual_batch_size=virtual_batch_size,
+        all_reduce=collective,
+        activation=activation,
+        jit_compile=jit_compile,
+        shape_use=shape_use,
+    )
+    if ghost:
+        mean, variance, count = moving_statistics_of(
+            statistics, moving_statistics, state["moving_mean"], all_reduce
+        )
+    else:
+        mean, variance, count = statistics["mean"], statistics["variance"], statistics["count"]
+    # The moving averages never carry a gradient to x, in any mode.
+    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+    if limits is None:
+        new_state = updated_moving_statistics(
+            state["moving_mean"], state["moving_variance"], mean, variance, count, momentum
+        )
+    else:
+        new_state = updated_renorm_statistics(
+            state,
+            mean,
+            variance,
+            statistics_are_usable(mean, variance, count),
+            momentum=momentum,
+            renorm_momentum=renorm_momentum,
+            epsilon=epsilon,
+        )
+    return y, new_state
