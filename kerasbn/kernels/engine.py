@@ -57,6 +57,12 @@ def _differentiable(value):
     return tf.is_tensor(value) and value.dtype.is_floating
 
 
+def _sources(args, kwargs, positions):
+    """The differentiable leaves at `positions` of the flattened arguments."""
+    flat = tf.nest.flatten((args, kwargs))
+    return [flat[i] for i in positions]
+
+
 def _relaxed(value):
     """A tensor's spec with every dimension unknown (rank kept); other values as they are."""
     if tf.is_tensor(value):
@@ -306,7 +312,8 @@ class Kernel:
             # All-reduced statistics have no exact second order: the
             # hand-derived gradient says so (`normalize.py`).
             exact = not facts.collective
-            return self._taped(args, kwargs, positions, build, _inline_forward(run), None, exact)
+            taped = self._taped(args, kwargs, positions, build, _inline_forward(run), None, exact)
+            return taped(*_sources(args, kwargs, positions))
         kwargs_for_programs = kwargs if route is routing.XLA_CALLER_PROGRAMS else self._for_programs(kwargs)
         if route is routing.WARMUP_DISPATCH:
             dispatch = self._dispatcher(facts)
@@ -323,21 +330,22 @@ class Kernel:
                 residuals, compiled = saved
                 return dispatch.backward(compiled, *inputs[:2], residuals, *inputs[2:])
 
-            return self._taped(args, kwargs_for_programs, positions, build, forward, backward)
+            taped = self._taped(args, kwargs_for_programs, positions, build, forward, backward)
+            return taped(*_sources(args, kwargs, positions))
         programs = self._programs_for(build, jit_compile=False)
 
         def backward(inputs, residuals):
             return programs.backward(*inputs[:2], residuals, *inputs[2:])
 
-        return self._taped(args, kwargs_for_programs, positions, build, programs.forward, backward)
+        taped = self._taped(args, kwargs_for_programs, positions, build, programs.forward, backward)
+        return taped(*_sources(args, kwargs, positions))
 
     def _taped(self, args, kwargs, positions, build, forward, backward, exact=True):
-        """The call under a `tf.custom_gradient`: `forward(*args, **kwargs)` on
+        """The call as a `tf.custom_gradient` of its sources: `forward(*args, **kwargs)` on
         gradient-stopped inputs returns `(outputs, saved)`; `backward((args,
         kwargs, upstream, positions, upstream_positions), saved)` the gradients
         (None: `saved` is inline ops' `_Taped`). A recorded gradient is the
         autodiff of the differentiable kernel (`exact`), or the route's own."""
-        sources = [tf.nest.flatten((args, kwargs))[i] for i in positions]
 
         @tf.custom_gradient
         def run(*sources):
@@ -366,7 +374,7 @@ class Kernel:
 
             return outputs, grad
 
-        return run(*sources)
+        return run
 
     def _autodiff(self, args, kwargs, positions, sources, upstream, build):
         """The kernel's vector-Jacobian product by TensorFlow's autodiff of its

@@ -71,37 +71,20 @@ class Part:
         values = {"mean": self.mean, "variance": self.variance, "count": count}
         return {name: tf.reshape(value, feature_shape) for name, value in values.items()}
 
-    def normalize(self, gamma, beta, reference, *, epsilon, build, all_reduce, activation):
-        r = d = None
-        if reference is not None:
-            usable = tf.broadcast_to(
-                statistics_are_usable(self.mean, self.variance, self.count), tf.shape(self.mean)
-            )
-            r, d = renorm_corrections(
-                self.mean,
-                self.variance,
-                self.broadcast(reference["renorm_mean"]),
-                self.broadcast(reference["renorm_stddev"]),
-                usable,
-                tf.cast(reference["r_max"], self.values.dtype),
-                tf.cast(reference["d_max"], self.values.dtype),
-                epsilon,
-            )
-        return normalize_with_batch_statistics(
-            self.values,
-            self.broadcast(gamma),
-            self.broadcast(beta),
+    def corrections(self, reference, epsilon):
+        """Renormalisation's `(r, d)` for this part's statistics, or `(None, None)`."""
+        if reference is None:
+            return None, None
+        usable = statistics_are_usable(self.mean, self.variance, self.count)
+        return renorm_corrections(
             self.mean,
             self.variance,
-            self.count,
-            epsilon=epsilon,
-            axes=self.axes,
-            build=build,
-            mask=self.mask,
-            r=r,
-            d=d,
-            all_reduce=all_reduce,
-            activation=activation,
+            self.broadcast(reference["renorm_mean"]),
+            self.broadcast(reference["renorm_stddev"]),
+            tf.broadcast_to(usable, tf.shape(self.mean)),
+            tf.cast(reference["r_max"], self.values.dtype),
+            tf.cast(reference["d_max"], self.values.dtype),
+            epsilon,
         )
 
 
@@ -175,29 +158,46 @@ def normalize_batch(
         reference = dict(reference)
         for name in ("renorm_mean", "renorm_stddev"):
             reference[name] = to_broadcast(reference[name], rank, feature_axes)
-    options = dict(epsilon=epsilon, build=build, all_reduce=all_reduce, activation=activation)
     if virtual_batch_size is None:
-        part = Part(x, mask, feature_axes, False, build)
+        parts = [Part(x, mask, feature_axes, False, build)]
         if all_reduce is not None:
-            part.mean, part.variance, part.count = combine_moments(
-                part.mean, part.variance, part.count, shift, all_reduce
+            whole = parts[0]
+            whole.mean, whole.variance, whole.count = combine_moments(
+                whole.mean, whole.variance, whole.count, shift, all_reduce
             )
-        y = part.normalize(gamma, beta, reference, **options)
-        return y, part.statistics(feature_shape)
-    masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
-    parts = [
-        Part(values, part_mask, feature_axes, ghost_axis, build)
-        for values, part_mask, ghost_axis in zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
-    ]
+    else:
+        masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
+        pieces = zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
+        parts = [Part(values, part_mask, feature_axes, ghost, build) for values, part_mask, ghost in pieces]
+    outputs = []
     # Parts known to be empty are left out (no concatenation when v divides a
     # known batch size); an empty batch keeps its (empty) remainder.
-    outputs = []
-    for part in [part for part in parts if not part.empty] or parts[1:]:
-        y = part.normalize(gamma, beta, reference, **options)
-        # Back to examples along axis 0 (the row count given: -1 is ambiguous when empty).
-        outputs.append(tf.reshape(y, tf.concat([[part.examples()], tf.shape(x)[1:]], axis=0)))
+    for part in [part for part in parts if not part.empty] or parts[-1:]:
+        r, d = part.corrections(reference, epsilon)
+        y = normalize_with_batch_statistics(
+            part.values,
+            part.broadcast(gamma),
+            part.broadcast(beta),
+            part.mean,
+            part.variance,
+            part.count,
+            epsilon=epsilon,
+            axes=part.axes,
+            build=build,
+            mask=part.mask,
+            r=r,
+            d=d,
+            all_reduce=all_reduce,
+            activation=activation,
+        )
+        if virtual_batch_size is not None:
+            # Back to examples along axis 0 (the row count given: -1 is ambiguous when empty).
+            y = tf.reshape(y, tf.concat([[part.examples()], tf.shape(x)[1:]], axis=0))
+        outputs.append(y)
     y = outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
     y.set_shape(x.shape)
+    if virtual_batch_size is None:
+        return y, parts[0].statistics(feature_shape)
     return y, combine_ghosts(parts, feature_shape)
 
 

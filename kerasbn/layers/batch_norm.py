@@ -264,15 +264,31 @@ class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
     def _finish(self, y):
         return tf.cast(y, self.compute_dtype)
 
-    def _train(self, x, gamma, beta, mask, state_names, limits=None, **options):
-        """One training step (`kernels.train_step`) with this layer's parts;
-        assigns the new moving statistics and returns the output."""
-        state = {name: read_variable(getattr(self, name), x.dtype) for name in state_names}
+    def _step_parts(self):
+        """`(state names, limits, options)`: what this layer's training step
+        adds to the shared ones (`BatchRenorm`: its limits and averages)."""
+        return ("moving_mean", "moving_variance"), None, {}
+
+    def _after_step(self, new_state):
+        """Assigns the new moving statistics."""
+        for name, value in new_state.items():
+            variable = getattr(self, name)
+            variable.assign(tf.cast(value, variable.dtype))
+
+    # -------------------------------------------------------------------------
+
+    def call(self, inputs, training=None, mask=None):
+        if isinstance(inputs, tf.RaggedTensor):
+            return composite.call_ragged(self, inputs, mask, training=training)
+        x, gamma, beta = self._prepare(inputs, mask)
+        if not self._is_training(training):
+            return self._finish(self._inference(x, gamma, beta))
+        names, limits, options = self._step_parts()
         y, new_state = kernels.train_step(
             x,
             gamma,
             beta,
-            state,
+            {name: read_variable(getattr(self, name), x.dtype) for name in names},
             mask,
             limits,
             momentum=self.momentum,
@@ -286,20 +302,7 @@ class BatchNorm(composite.CompositeInputs, keras.layers.Layer):
             shape_use=self._shape_use,
             **options,
         )
-        for name, value in new_state.items():
-            variable = getattr(self, name)
-            variable.assign(tf.cast(value, variable.dtype))
-        return y
-
-    # -------------------------------------------------------------------------
-
-    def call(self, inputs, training=None, mask=None):
-        if isinstance(inputs, tf.RaggedTensor):
-            return composite.call_ragged(self, inputs, mask, training=training)
-        x, gamma, beta = self._prepare(inputs, mask)
-        if not self._is_training(training):
-            return self._finish(self._inference(x, gamma, beta))
-        y = self._train(x, gamma, beta, mask, ("moving_mean", "moving_variance"))
+        self._after_step(new_state)
         return self._finish(y)
 
     def get_config(self):

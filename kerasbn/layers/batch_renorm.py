@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from kerasbn.layers import arguments, composite
+from kerasbn.layers import arguments
 from kerasbn.layers.batch_norm import BatchNorm
 from kerasbn.layers.weights import add_statistic_weight
 
@@ -121,17 +121,13 @@ class BatchRenorm(BatchNorm):
             _limit_value(self.d_max, self.step.value, minimum=0.0),
         )
 
-    def call(self, inputs, training=None, mask=None):
-        if isinstance(inputs, tf.RaggedTensor):
-            return composite.call_ragged(self, inputs, mask, training=training)
-        x, gamma, beta = self._prepare(inputs, mask)
-        if not self._is_training(training):
-            return self._finish(self._inference(x, gamma, beta))
-        y = self._train(
-            x, gamma, beta, mask, _STATE, self.current_limits(), renorm_momentum=self.renorm_momentum
-        )
+    def _step_parts(self):
+        options = {"renorm_momentum": self.renorm_momentum}
+        return _STATE, self.current_limits(), options
+
+    def _after_step(self, new_state):
+        super()._after_step(new_state)
         self.step.assign_add(tf.constant(1, self.step.dtype))
-        return self._finish(y)
 
     def get_config(self):
         config = super().get_config()
