@@ -152,6 +152,13 @@ class _Programs:
         self.forward = _Program(_forward(fn, build), jit_compile)
         self.backward = _Program(_backward(fn, build), jit_compile)
 
+    def pair(self):
+        """`(forward, backward)` as `Kernel._taped` calls them."""
+        def backward(inputs, residuals):
+            return self.backward(*inputs[:2], residuals, *inputs[2:])
+
+        return self.forward, backward
+
     def experimental_get_tracing_count(self):
         return sum(p.experimental_get_tracing_count() for p in (self.forward, self.backward))
 
@@ -303,42 +310,25 @@ class Kernel:
         build = build_for(route, facts)
         if route is routing.FUSED_OP and not facts.gradient_recorded:
             return self.fused.run(*args, **kwargs)
+        if route is routing.EAGER_PROGRAM:
+            return self._programs_for(build, False, eager=True)(*args, **self._for_programs(kwargs))
         if not route.taped:
-            if route is routing.EAGER_PROGRAM:
-                return self._programs_for(build, False, eager=True)(*args, **self._for_programs(kwargs))
             return self.fn(*args, build=build, **kwargs)
+        sources = _sources(args, kwargs, positions)
         if route in (routing.INLINE_OPS, routing.FUSED_OP):
             run = self.fused.run if route is routing.FUSED_OP else functools.partial(self.fn, build=build)
-            # All-reduced statistics have no exact second order: the
-            # hand-derived gradient says so (`normalize.py`).
-            exact = not facts.collective
-            taped = self._taped(args, kwargs, positions, build, _inline_forward(run), None, exact)
-            return taped(*_sources(args, kwargs, positions))
-        kwargs_for_programs = kwargs if route is routing.XLA_CALLER_PROGRAMS else self._for_programs(kwargs)
-        if route is routing.WARMUP_DISPATCH:
-            dispatch = self._dispatcher(facts)
-            use = shape_use or self._shape_use_for(args, kwargs)
-            options = dict(
-                warmup_calls=facts.policy.warmup_calls,
-                max_shapes=facts.policy.max_shapes,
-                min_elements=facts.policy.min_elements,
-            )
-
-            forward = functools.partial(dispatch.forward, use.handle(), **options)
-
-            def backward(inputs, saved):
-                residuals, compiled = saved
-                return dispatch.backward(compiled, *inputs[:2], residuals, *inputs[2:])
-
-            taped = self._taped(args, kwargs_for_programs, positions, build, forward, backward)
-            return taped(*_sources(args, kwargs, positions))
-        programs = self._programs_for(build, jit_compile=False)
-
-        def backward(inputs, residuals):
-            return programs.backward(*inputs[:2], residuals, *inputs[2:])
-
-        taped = self._taped(args, kwargs_for_programs, positions, build, programs.forward, backward)
-        return taped(*_sources(args, kwargs, positions))
+            forward, backward = _inline_forward(run), None
+        else:
+            if route is not routing.XLA_CALLER_PROGRAMS:
+                kwargs = self._for_programs(kwargs)
+            if route is routing.WARMUP_DISPATCH:
+                forward, backward = self._dispatched(facts, shape_use or self._shape_use_for(args, kwargs))
+            else:
+                forward, backward = self._programs_for(build, jit_compile=False).pair()
+        # All-reduced statistics have no exact second order: the hand-derived
+        # gradient says so (`normalize.py`).
+        exact = not facts.collective
+        return self._taped(args, kwargs, positions, build, forward, backward, exact)(*sources)
 
     def _taped(self, args, kwargs, positions, build, forward, backward, exact=True):
         """The call as a `tf.custom_gradient` of its sources: `forward(*args, **kwargs)` on
@@ -404,13 +394,25 @@ class Kernel:
                 self._programs[key] = _Programs(self.fn, build, jit_compile)
         return self._programs[key]
 
-    def _dispatcher(self, facts):
-        key = (facts.policy.block, facts.policy.two_input_block, facts.policy.group_matmul_limit, facts.platform)
+    def _dispatched(self, facts, shape_use):
+        """`(forward, backward)` of route `warmup_dispatch` for this policy and platform."""
+        policy = facts.policy
+        key = (policy.block, policy.two_input_block, policy.group_matmul_limit, facts.platform)
         if key not in self._dispatch:
-            xla_build = Build.of(facts.policy, for_xla=True, block_sums=facts.platform != "gpu")
+            xla_build = Build.of(policy, for_xla=True, block_sums=facts.platform != "gpu")
             xla = self._programs_for(xla_build, jit_compile=True)
-            self._dispatch[key] = _Dispatch(self.fn, xla, Build.of(facts.policy))
-        return self._dispatch[key]
+            self._dispatch[key] = _Dispatch(self.fn, xla, Build.of(policy))
+        dispatch = self._dispatch[key]
+        counts = dict(warmup_calls=policy.warmup_calls, max_shapes=policy.max_shapes)
+        forward = functools.partial(
+            dispatch.forward, shape_use.handle(), min_elements=policy.min_elements, **counts
+        )
+
+        def backward(inputs, saved):
+            residuals, compiled = saved
+            return dispatch.backward(compiled, *inputs[:2], residuals, *inputs[2:])
+
+        return forward, backward
 
     def _shape_use_for(self, args, kwargs):
         key = _signature_key(args, kwargs)

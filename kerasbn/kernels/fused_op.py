@@ -67,17 +67,9 @@ def _training(x, gamma, beta, epsilon):
     channels = x.shape[3]
     count = x.shape.num_elements() // channels
     ones, zeros = tf.ones([channels], x.dtype), tf.zeros([channels], x.dtype)
-    y, mean, unbiased_variance = tf.raw_ops.FusedBatchNormV3(
-        x=x,
-        scale=ones if gamma is None else gamma,
-        offset=zeros if beta is None else beta,
-        mean=zeros,  # not read in training
-        variance=ones,
-        epsilon=epsilon,
-        exponential_avg_factor=1.0,
-        data_format="NHWC",
-        is_training=True,
-    )[:3]
+    scale, offset = ones if gamma is None else gamma, zeros if beta is None else beta
+    # The mean and variance given are not read in training.
+    y, mean, unbiased_variance = _op(x, scale, offset, zeros, ones, epsilon, True)[:3]
     variance = unbiased_variance * ((count - 1) / count)
     return y, mean, variance, tf.constant(float(count), x.dtype)
 
@@ -109,13 +101,8 @@ def _per_channel_sum(x):
         return None
     per_channel_shapes = ([channels], [1, 1, 1, channels])
     for whole, bias in pairs:
-        if (
-            bias.shape.rank is not None
-            and bias.shape.as_list() in per_channel_shapes
-            and whole.shape.rank == 4
-            and whole.shape[3] == channels
-            and whole.dtype == x.dtype
-        ):
+        per_channel = bias.shape.rank is not None and bias.shape.as_list() in per_channel_shapes
+        if per_channel and whole.shape.rank == 4 and whole.shape[3] == channels and whole.dtype == x.dtype:
             return whole, tf.reshape(bias, [channels])
     return None
 
@@ -145,14 +132,11 @@ def _inference(x, gamma, beta, mean, variance, epsilon):
         # Zero in value; its gradient is b's: k Σ dy, with dy the output's.
         bias_path = (bias - tf.stop_gradient(bias)) * scale
         offset = offset + bias_path * tf.math.rsqrt(tf.stop_gradient(variance) + epsilon)
+    return _op(x, scale, offset, mean, variance, epsilon, False)[0]
+
+
+def _op(x, scale, offset, mean, variance, epsilon, is_training):
     return tf.raw_ops.FusedBatchNormV3(
-        x=x,
-        scale=scale,
-        offset=offset,
-        mean=mean,
-        variance=variance,
-        epsilon=epsilon,
-        exponential_avg_factor=1.0,
-        data_format="NHWC",
-        is_training=False,
-    )[0]
+        x=x, scale=scale, offset=offset, mean=mean, variance=variance, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=is_training,
+    )

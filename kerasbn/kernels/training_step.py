@@ -20,11 +20,8 @@ import tensorflow as tf
 
 from kerasbn.kernels import fused_op
 from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.batch_norm import (
-    affine_parameters,
-    statistics_are_usable,
-    updated_moving_statistics,
-)
+from kerasbn.kernels.batch_norm import affine_parameters, statistics_are_usable
+from kerasbn.kernels.batch_norm import updated_moving_statistics
 from kerasbn.kernels.batch_renorm import renorm_corrections, updated_renorm_statistics
 from kerasbn.kernels.engine import FusedForm, kernel
 from kerasbn.kernels.ghost_batch_norm import combine_ghosts, ghost_parts, moving_statistics_of
@@ -43,11 +40,8 @@ class Part:
         self.values, self.mask, self.ghost_axis = values, mask, ghost_axis
         # Known to hold no example while tracing: left out of the output.
         self.empty = values.shape[0] == 0
-        self.axes = tuple(
-            axis
-            for axis in reduction_axes(values.shape.rank, tuple(a + lead for a in feature_axes))
-            if axis >= lead
-        )
+        reduced = reduction_axes(values.shape.rank, tuple(a + lead for a in feature_axes))
+        self.axes = tuple(axis for axis in reduced if axis >= lead)
         self.mean, self.variance, self.count = moments(values, self.axes, mask, build)
 
     def examples(self):
@@ -76,15 +70,12 @@ class Part:
         if reference is None:
             return None, None
         usable = statistics_are_usable(self.mean, self.variance, self.count)
+        dtype = self.values.dtype
         return renorm_corrections(
-            self.mean,
-            self.variance,
-            self.broadcast(reference["renorm_mean"]),
-            self.broadcast(reference["renorm_stddev"]),
+            self.mean, self.variance,
+            self.broadcast(reference["renorm_mean"]), self.broadcast(reference["renorm_stddev"]),
             tf.broadcast_to(usable, tf.shape(self.mean)),
-            tf.cast(reference["r_max"], self.values.dtype),
-            tf.cast(reference["d_max"], self.values.dtype),
-            epsilon,
+            tf.cast(reference["r_max"], dtype), tf.cast(reference["d_max"], dtype), epsilon,
         )
 
 
@@ -95,14 +86,9 @@ def _feature_shape(x, feature_axes):
 
 def _accepts_fused_training(x, gamma, beta, mask=None, reference=None, shift=None, **options):
     del gamma, beta, shift  # `normalize_batch`'s signature
-    plain = reference is None and options.get("virtual_batch_size") is None
-    return (
-        plain
-        and options.get("all_reduce") is None
-        and fused_op.accepts_training(
-            x, mask, feature_axes=options["feature_axes"], epsilon=options["epsilon"]
-        )
-    )
+    if reference is not None or options.get("virtual_batch_size") or options.get("all_reduce"):
+        return False
+    return fused_op.accepts_training(x, mask, feature_axes=options["feature_axes"], epsilon=options["epsilon"])
 
 
 def _fused_training(x, gamma, beta, mask=None, reference=None, shift=None, *, epsilon, activation=None, **_):
@@ -112,19 +98,8 @@ def _fused_training(x, gamma, beta, mask=None, reference=None, shift=None, *, ep
 
 @kernel(fused=FusedForm("training", _accepts_fused_training, _fused_training))
 def normalize_batch(
-    x,
-    gamma,
-    beta,
-    mask=None,
-    reference=None,
-    shift=None,
-    *,
-    build,
-    epsilon,
-    feature_axes,
-    virtual_batch_size=None,
-    all_reduce=None,
-    activation=None,
+    x, gamma, beta, mask=None, reference=None, shift=None, *, build, epsilon, feature_axes,
+    virtual_batch_size=None, all_reduce=None, activation=None,
 ):
     """Normalises `x` with its batch statistics, corrected toward `reference` if given.
 
@@ -162,9 +137,8 @@ def normalize_batch(
         parts = [Part(x, mask, feature_axes, False, build)]
         if all_reduce is not None:
             whole = parts[0]
-            whole.mean, whole.variance, whole.count = combine_moments(
-                whole.mean, whole.variance, whole.count, shift, all_reduce
-            )
+            statistics = (whole.mean, whole.variance, whole.count)
+            whole.mean, whole.variance, whole.count = combine_moments(*statistics, shift, all_reduce)
     else:
         masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
         pieces = zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
@@ -175,20 +149,9 @@ def normalize_batch(
     for part in [part for part in parts if not part.empty] or parts[-1:]:
         r, d = part.corrections(reference, epsilon)
         y = normalize_with_batch_statistics(
-            part.values,
-            part.broadcast(gamma),
-            part.broadcast(beta),
-            part.mean,
-            part.variance,
-            part.count,
-            epsilon=epsilon,
-            axes=part.axes,
-            build=build,
-            mask=part.mask,
-            r=r,
-            d=d,
-            all_reduce=all_reduce,
-            activation=activation,
+            part.values, part.broadcast(gamma), part.broadcast(beta),
+            part.mean, part.variance, part.count, epsilon=epsilon, axes=part.axes, build=build,
+            mask=part.mask, r=r, d=d, all_reduce=all_reduce, activation=activation,
         )
         if virtual_batch_size is not None:
             # Back to examples along axis 0 (the row count given: -1 is ambiguous when empty).
@@ -202,23 +165,9 @@ def normalize_batch(
 
 
 def train_step(
-    x,
-    gamma,
-    beta,
-    state,
-    mask=None,
-    limits=None,
-    *,
-    momentum,
-    epsilon,
-    feature_axes,
-    renorm_momentum=None,
-    virtual_batch_size=None,
-    moving_statistics="batch",
-    all_reduce=None,
-    activation=None,
-    jit_compile=True,
-    shape_use=None,
+    x, gamma, beta, state, mask=None, limits=None, *, momentum, epsilon, feature_axes,
+    renorm_momentum=None, virtual_batch_size=None, moving_statistics="batch", all_reduce=None,
+    activation=None, jit_compile=True, shape_use=None,
 ):
     """One training step of batch normalisation or renormalisation.
 
@@ -249,34 +198,20 @@ def train_step(
     """
     reference = None
     if limits is not None:
-        reference = {
-            "renorm_mean": state["renorm_mean"],
-            "renorm_stddev": state["renorm_stddev"],
-            "r_max": limits[0],
-            "d_max": limits[1],
-        }
+        reference = {name: state[name] for name in ("renorm_mean", "renorm_stddev")}
+        reference.update(r_max=limits[0], d_max=limits[1])
     # Ghost batches never span replicas: only their moving statistics are global.
     ghost = virtual_batch_size is not None
     collective = None if ghost else all_reduce
+    shift = None if collective is None else state["moving_mean"]
     y, statistics = normalize_batch(
-        x,
-        gamma,
-        beta,
-        mask,
-        reference,
-        None if collective is None else state["moving_mean"],
-        epsilon=epsilon,
-        feature_axes=feature_axes,
-        virtual_batch_size=virtual_batch_size,
-        all_reduce=collective,
-        activation=activation,
-        jit_compile=jit_compile,
-        shape_use=shape_use,
+        x, gamma, beta, mask, reference, shift, epsilon=epsilon, feature_axes=feature_axes,
+        virtual_batch_size=virtual_batch_size, all_reduce=collective, activation=activation,
+        jit_compile=jit_compile, shape_use=shape_use,
     )
     if ghost:
-        mean, variance, count = moving_statistics_of(
-            statistics, moving_statistics, state["moving_mean"], all_reduce
-        )
+        rule, moving_mean = moving_statistics, state["moving_mean"]
+        mean, variance, count = moving_statistics_of(statistics, rule, moving_mean, all_reduce)
     else:
         mean, variance, count = statistics["mean"], statistics["variance"], statistics["count"]
     # The moving averages never carry a gradient to x, in any mode.
@@ -286,13 +221,9 @@ def train_step(
             state["moving_mean"], state["moving_variance"], mean, variance, count, momentum
         )
     else:
+        usable = statistics_are_usable(mean, variance, count)
         new_state = updated_renorm_statistics(
-            state,
-            mean,
-            variance,
-            statistics_are_usable(mean, variance, count),
-            momentum=momentum,
-            renorm_momentum=renorm_momentum,
-            epsilon=epsilon,
+            state, mean, variance, usable,
+            momentum=momentum, renorm_momentum=renorm_momentum, epsilon=epsilon,
         )
     return y, new_state
