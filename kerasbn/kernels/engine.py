@@ -325,8 +325,8 @@ class Kernel:
                 forward, backward = self._dispatched(facts, shape_use or self._shape_use_for(args, kwargs))
             else:
                 forward, backward = self._programs_for(build, jit_compile=False).pair()
-        # All-reduced statistics have no exact second order: the hand-derived
-        # gradient says so (`normalize.py`).
+        # All-reduced statistics have no exact second order: a recorded
+        # gradient of such a call is refused.
         exact = not facts.collective
         return self._taped(args, kwargs, positions, build, forward, backward, exact)(*sources)
 
@@ -349,9 +349,14 @@ class Kernel:
                 present = tuple(i for i in GRADIENT_OUTPUTS if upstream[i] is not None)
                 if not present:
                     grads = [tf.zeros_like(source) for source in sources]
-                elif exact and tf_internals.gradient_possibly_watched(
-                    list(sources) + [upstream[i] for i in present]
-                ):
+                elif tf_internals.gradient_possibly_watched(list(sources) + [upstream[i] for i in present]):
+                    if not exact:
+                        raise NotImplementedError(
+                            "A gradient of a gradient (gradient penalty, Hessian-vector product) "
+                            "through a layer with synchronized=True is not supported: its "
+                            "hand-derived gradient treats the global batch statistics as constants. "
+                            "Use synchronized=False for such models."
+                        )
                     grads = self._autodiff(args, kwargs, positions, sources, upstream, build)
                 else:
                     given = [upstream[i] for i in present]
