@@ -1,8 +1,7 @@
 """Axis bookkeeping shared by the kernels.
 
-`feature_axes` is a sorted tuple of non-negative axes that keep their own
-statistics (the channel axis, usually). Per-feature parameters such as gamma have
-the shape of `x` restricted to those axes.
+`feature_axes` is a sorted tuple of non-negative axes that keep their own statistics (usually the
+channel axis); per-feature parameters such as gamma have `x`'s shape restricted to those axes.
 """
 
 import tensorflow as tf
@@ -14,11 +13,8 @@ def reduction_axes(rank, feature_axes):
 
 
 def broadcast_shape(rank, feature_axes, feature_shape):
-    """Shape that broadcasts a per-feature tensor against a rank-`rank` input.
-
-    `feature_shape` may be a static list or a 1-D shape tensor (the kernels are
-    traced with relaxed, possibly unknown, dimensions).
-    """
+    """The shape broadcasting a per-feature tensor of `feature_shape` (a list or a 1-D shape
+    tensor: kernels are traced with relaxed dimensions) against a rank-`rank` input."""
     dims = [1] * rank
     for position, axis in enumerate(feature_axes):
         dims[axis] = feature_shape[position]
@@ -26,12 +22,8 @@ def broadcast_shape(rank, feature_axes, feature_shape):
 
 
 def to_broadcast(param, rank, feature_axes):
-    """Reshapes a per-feature tensor so it broadcasts against the input.
-
-    With the parameter's shape known (inline in a caller's graph) the new
-    shape is a constant: one op fewer to trace and optimize per parameter
-    than reading it at run time (programs traced with relaxed shapes must).
-    """
+    """Reshapes a per-feature tensor to broadcast against the input; with the parameter's shape
+    known, the new shape is a constant (one op fewer than reading it at run time)."""
     shape = param.shape.as_list() if param.shape.is_fully_defined() else tf.shape(param)
     return tf.reshape(param, broadcast_shape(rank, feature_axes, shape))
 

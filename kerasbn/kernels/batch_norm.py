@@ -1,7 +1,6 @@
 """Batch normalisation: inference, the moving averages, and the per-feature parameters.
 
-The training step, shared with batch renormalisation and ghost batches, is
-`training_step.py`'s.
+The training step, shared with batch renormalisation and ghost batches, is `training_step.py`'s.
 """
 
 import tensorflow as tf
@@ -13,11 +12,8 @@ from kerasbn.kernels.engine import FusedForm, kernel
 
 
 def moving_average(moving, batch, momentum, valid):
-    """Keras' rule `moving * momentum + batch * (1 - momentum)` where `valid`.
-
-    Where `valid` is False (no element in the batch, or a non-finite batch
-    statistic) the moving value is kept, so one bad batch cannot poison it.
-    """
+    """Keras' rule `moving * momentum + batch * (1 - momentum)` where `valid`; elsewhere (no
+    element, or a non-finite statistic) the moving value is kept: one bad batch cannot poison it."""
     updated = moving * momentum + batch * (1.0 - momentum)
     return tf.where(valid, updated, moving)
 
@@ -29,10 +25,7 @@ def statistics_are_usable(mean, variance, count):
 
 
 def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
-    """gamma and beta shaped to broadcast; ones and zeros when absent.
-
-    `feature_shape` (a shape tensor or list) gives the shape of the stand-ins.
-    """
+    """gamma and beta shaped to broadcast; ones and zeros of `feature_shape` when absent."""
     rank = x.shape.rank
     shape = broadcast_shape(rank, feature_axes, feature_shape)
     gamma = tf.ones(shape, x.dtype) if gamma is None else to_broadcast(gamma, rank, feature_axes)
@@ -41,10 +34,7 @@ def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
 
 
 def updated_moving_statistics(moving_mean, moving_variance, mean, variance, count, momentum):
-    """Both moving averages after one batch, skipping features without usable statistics.
-
-    All arguments are per feature (the shape of `moving_mean`).
-    """
+    """Both moving averages after one batch (all per feature), skipping unusable features."""
     usable = statistics_are_usable(mean, variance, count)
     return {
         "moving_mean": moving_average(moving_mean, mean, momentum, usable),
@@ -54,7 +44,9 @@ def updated_moving_statistics(moving_mean, moving_variance, mean, variance, coun
 
 def _fused_inference(x, gamma, beta, mean, variance, *, epsilon, feature_axes, activation=None):
     del feature_axes  # `accepts_inference` took only channels-last inputs
-    return fused_op.inference(x, gamma, beta, mean, variance, epsilon=epsilon, activation=activation)
+    return fused_op.inference(
+        x, gamma, beta, mean, variance, epsilon=epsilon, activation=activation
+    )
 
 
 def _accepts_fused_inference(x, *args, epsilon, feature_axes, **_):
@@ -66,25 +58,17 @@ def _accepts_fused_inference(x, *args, epsilon, feature_axes, **_):
 def batch_norm_inference(
     x, gamma, beta, mean, variance, *, build, epsilon, feature_axes, activation=None
 ):
-    """Normalises `x` with given (moving) statistics.
-
-    `y = f(x * scale + shift)` with `scale = γ / sqrt(var + ε)` and
-    `shift = β - mean * scale`, computed per feature first, and `f` the fused
-    activation (the identity when `activation` is None). Under XLA that is one
-    fused pass. In a graph TensorFlow runs op by op and no tape records, the
-    router runs a float32 NHWC input through TensorFlow's `FusedBatchNormV3`
-    instead (`fused_op.inference`). `build` is unused: no sums, no gradient
-    of its own.
-    """
+    """Normalises `x` with given (moving) statistics: `y = f(x * scale + shift)`, with
+    `scale = γ / sqrt(var + ε)` and `shift = β - mean * scale` computed per feature first: one
+    fused pass under XLA; in an untaped graph run op by op the router may run TensorFlow's
+    `FusedBatchNormV3` instead (`fused_op.inference`). `build` is unused (no sums, no gradient)."""
     del build
     rank = x.shape.rank
     scale = tf.math.rsqrt(variance + epsilon)
-    if gamma is not None:
-        scale = scale * gamma
+    scale = scale if gamma is None else scale * gamma
     shift = -mean * scale
-    if beta is not None:
-        shift = shift + beta
-    if tuple(feature_axes) != (rank - 1,):  # per-channel vectors broadcast on the last axis as they are
+    shift = shift if beta is None else shift + beta
+    if tuple(feature_axes) != (rank - 1,):  # per-channel vectors broadcast on the last axis as is
         scale = to_broadcast(scale, rank, feature_axes)
         shift = to_broadcast(shift, rank, feature_axes)
     return activate(x * scale + shift, activation)

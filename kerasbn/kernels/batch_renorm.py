@@ -1,22 +1,14 @@
 """Batch renormalisation (Ioffe 2017): corrections and moving averages.
 
-Training normalises with the batch statistics and then corrects toward the
-moving ones:
+Training normalises with the batch statistics and corrects toward the moving ones:
 
     x̂ = (x − μ_B) / σ_B · r + d,   σ_B = sqrt(σ²_B + ε)
     r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
 
-with r and d constants for the gradient. As in Keras' `renorm=True`, (μ, σ) are
-the "renorm" averages kept with `renorm_momentum` (σ floored at sqrt(ε) so the
-first steps cannot divide by zero), while inference uses a second pair kept with
-`momentum`: the moving mean and moving standard deviation, from which the moving
-variance is derived as max(σ_mov² − ε, 0). Inference is plain batch norm with
-the moving mean and variance (`batch_norm.batch_norm_inference`).
-
-`r_max` and `d_max` are tensors, so a schedule changing them every step does not
-retrace. With r_max = 1 and d_max = 0 this is exactly batch norm. The step
-itself is `training_step.py`'s; this module holds the corrections and the
-five moving averages.
+with r, d constants for the gradient and (μ, σ) the renorm averages kept with `renorm_momentum`
+(σ floored at sqrt(ε)), as in Keras' `renorm=True`. Inference uses the moving mean and standard
+deviation kept with `momentum` (moving variance max(σ_mov² − ε, 0)). `r_max`, `d_max` are tensors,
+so schedules do not retrace; r_max = 1, d_max = 0 is batch norm. The step is `training_step.py`'s.
 """
 
 import tensorflow as tf
@@ -25,10 +17,7 @@ from kerasbn.kernels.batch_norm import moving_average
 
 
 def renorm_corrections(mean, variance, renorm_mean, renorm_stddev, usable, r_max, d_max, epsilon):
-    """The clipped corrections `(r, d)`, in the broadcast shape of `mean`.
-
-    Features without usable statistics get r = 1, d = 0 (their output is β).
-    """
+    """The clipped corrections `(r, d)` in `mean`'s shape; r = 1, d = 0 where not `usable`."""
     batch_stddev = tf.sqrt(variance + epsilon)
     reference_stddev = tf.maximum(renorm_stddev, tf.sqrt(tf.constant(epsilon, mean.dtype)))
     r = tf.clip_by_value(batch_stddev / reference_stddev, 1.0 / r_max, r_max)
@@ -39,18 +28,9 @@ def renorm_corrections(mean, variance, renorm_mean, renorm_stddev, usable, r_max
 
 
 def updated_renorm_statistics(state, mean, variance, usable, *, momentum, renorm_momentum, epsilon):
-    """All moving statistics after one batch, skipping features without usable statistics.
-
-    Args:
-      state: dict with per-feature `moving_mean`, `moving_variance`,
-        `moving_stddev`, `renorm_mean` and `renorm_stddev`.
-      mean, variance, usable: batch statistics and their usability, per feature.
-
-    Returns:
-      A dict with the new `moving_mean`, `moving_variance`, `moving_stddev`,
-      `renorm_mean` and `renorm_stddev`.
-    """
-    # The moving averages never carry a gradient to x, in any mode.
+    """The five moving statistics after one batch, skipping features not `usable`: `state` and
+    the result are dicts of per-feature `moving_mean`, `moving_variance`, `moving_stddev`,
+    `renorm_mean` and `renorm_stddev`. The batch statistics carry no gradient."""
     mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
     batch_stddev = tf.sqrt(variance + epsilon)
     moving_stddev = moving_average(state["moving_stddev"], batch_stddev, momentum, usable)
@@ -61,5 +41,7 @@ def updated_renorm_statistics(state, mean, variance, usable, *, momentum, renorm
         ),
         "moving_stddev": moving_stddev,
         "renorm_mean": moving_average(state["renorm_mean"], mean, renorm_momentum, usable),
-        "renorm_stddev": moving_average(state["renorm_stddev"], batch_stddev, renorm_momentum, usable),
+        "renorm_stddev": moving_average(
+            state["renorm_stddev"], batch_stddev, renorm_momentum, usable
+        ),
     }
