@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from references import batch_norm_formula, inference_reference, moving_average_formula
 
 import kerasbn
+from platform_support import requires_keras_renorm
 
 EPSILON = 1e-3
 # float32 against float32 Keras, or against float64 formulas, on values of order 1-10.
@@ -119,6 +120,7 @@ def test_batch_norm_ragged_property(lengths, channels, seed):
     assert_ragged_close(ours(x), theirs(x))
 
 
+@requires_keras_renorm
 @pytest.mark.parametrize("row_lengths, inner", [([[3, 1, 4, 2]], (3,)), ([[2, 1], [3, 1, 2]], (2, 3))])
 def test_batch_renorm_ragged_matches_keras_renorm(rng, row_lengths, inner):
     x = ragged_input(rng, row_lengths, inner, ragged_rank=len(row_lengths))
@@ -308,11 +310,12 @@ def ragged_model(normalization, seed):
     "ours, theirs",
     [
         (lambda: kerasbn.BatchNorm(momentum=0.8), lambda: keras.layers.BatchNormalization(momentum=0.8)),
-        (
+        pytest.param(
             lambda: kerasbn.BatchRenorm(r_max=1.5, d_max=0.5, momentum=0.8),
             lambda: keras.layers.BatchNormalization(
                 momentum=0.8, renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}
             ),
+            marks=requires_keras_renorm,
         ),
     ],
     ids=["BatchNorm", "BatchRenorm"],

@@ -39,9 +39,9 @@ class CompositeInputs:
         # ragged input is ragged with the same partitions.
         spec = super().compute_output_spec(inputs, *args, **kwargs)
         if getattr(inputs, "ragged", False):
-            return KerasTensor(
-                spec.shape, dtype=spec.dtype, ragged=True, ragged_rank=inputs.ragged_rank
-            )
+            # Keras before 3.11 has no `ragged_rank` on symbolic tensors.
+            rank = {"ragged_rank": inputs.ragged_rank} if hasattr(inputs, "ragged_rank") else {}
+            return KerasTensor(spec.shape, dtype=spec.dtype, ragged=True, **rank)
         return spec
 
 
@@ -86,8 +86,9 @@ def check_inputs(layer, inputs):
             f"type {type(inputs).__name__}"
         )
     shape = tuple(inputs.shape)
-    if inputs.ragged_rank is None:
-        # A ragged `keras.Input` leaves ragged_rank unset: its ragged axes are
+    if getattr(inputs, "ragged_rank", None) is None:
+        # A ragged `keras.Input` leaves ragged_rank unset (or, before Keras
+        # 3.11, has none): its ragged axes are
         # the unknown ones after the batch axis.
         partitions = [a for a in range(1, len(shape)) if shape[a] is None]
     else:
