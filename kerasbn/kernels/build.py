@@ -67,10 +67,10 @@ class Build:
 
     @classmethod
     def of(cls, policy, **flags):
-        """A `Build` with `flags` and the policy's block sizes."""
-        return cls(
-            block=policy.block,
-            two_input_block=policy.two_input_block,
-            group_matmul_limit=policy.group_matmul_limit,
-            **flags,
-        )
+        """A `Build` with `flags`, and the policy's block sizes where the sums are
+        built in blocks: elsewhere they are unread, and as part of a program's
+        cache key would only retrace it when they change."""
+        if not flags.get("block_sums"):
+            return cls(**flags)
+        blocks = (policy.block, policy.two_input_block, policy.group_matmul_limit)
+        return cls(**dict(zip(("block", "two_input_block", "group_matmul_limit"), blocks)), **flags)
