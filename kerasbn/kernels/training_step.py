@@ -101,28 +101,20 @@ def normalize_batch(
     x, gamma, beta, mask=None, reference=None, shift=None, *, build, epsilon, feature_axes,
     virtual_batch_size=None, all_reduce=None, activation=None,
 ):
-    """Normalises `x` with its batch statistics, corrected toward `reference` if given.
+    """Normalises `x` with its batch statistics, corrected toward `reference` if given: the
+    router's kernel of `train_step`, whose arguments of the same names it takes (`all_reduce`
+    only without ghost batches; `build`: the route's `Build`, see `build.py`).
 
-    Args:
-      x: float tensor of rank 2 or more (float32 or float64), batch axis 0.
-      gamma, beta: per-feature tensors, or None for no scale / no offset.
-      mask: optional boolean tensor of `x`'s shape without the feature axes.
-      reference: None, or for batch renormalisation a dict of per-feature
-        `renorm_mean`, `renorm_stddev` and scalar `r_max`, `d_max`.
-      shift: with `all_reduce`, the per-feature moving mean (identical on
-        every replica) about which the replicas' moments are combined.
-      build: the `Build` the route made (see `build.py`).
-      epsilon: Python float.
-      feature_axes: sorted tuple of non-negative feature axes (0 excluded).
-      virtual_batch_size: None, or Python int >= 1: statistics per ghost batch.
-      all_reduce: None, or (without ghost batches) a callable summing a list
-        of tensors over replicas: the statistics are the global batch's.
-      activation: None, or the name of a fused activation.
+    Args (besides `train_step`'s):
+      reference: None, or for batch renormalisation a dict of per-feature `renorm_mean`,
+        `renorm_stddev` and scalar `r_max`, `d_max`.
+      shift: with `all_reduce`, the per-feature moving mean (identical on every replica)
+        about which the replicas' moments are combined.
 
     Returns:
-      `(y, statistics)`: the output (shape and dtype of `x`), and the whole
-      local batch's per-feature `mean`, `variance` and `count` (global with
-      `all_reduce`), plus `ghost_variance` with ghost batches, without gradient.
+      `(y, statistics)`: the output (shape and dtype of `x`), and the whole local batch's
+      per-feature `mean`, `variance` and `count` (global with `all_reduce`), plus
+      `ghost_variance` with ghost batches, without gradient.
     """
     rank = x.shape.rank
     if mask is not None:
