@@ -1,11 +1,8 @@
 """The engine's tunables, in one documented policy: a process default and per-thread blocks.
 
-Every number the router and the math read is a field of `Policy`. The
-process default is set with `set_xla_policy`; a `with xla_policy(...)` block
-(and `jit_disabled()`) overrides fields for the current thread only, nests,
-and restores what it found, so two threads never see each other's blocks.
-The policy is read while a kernel call is traced: graphs already traced keep
-the policy they were traced with. Why each default: docs/decisions/.
+Every number the router and the math read is a field of `Policy`, read while a kernel call is
+traced: graphs already traced keep the policy they were traced with. Why each default:
+docs/decisions/.
 """
 
 import contextlib
@@ -19,32 +16,25 @@ PLATFORMS = ("cpu", "cpu-onednn", "gpu")
 class Policy:
     """Which route a kernel call takes, and the sizes its math is arranged with.
 
-    Attributes:
-      warmup_calls: int >= 0, default 50. Training calls at an input shape run
-        the plain programs this many times before XLA compiles that shape; 0
-        compiles at the first call (docs/decisions/001-xla-only-for-recurring-shapes.md).
-      max_shapes: int >= 0, default 16. Shapes compiled per layer; further
-        shapes stay plain, with a one-time warning. 0 never compiles.
-      min_elements: int >= 0, default 2^20. Training inputs with fewer
-        elements never run XLA programs: inline ops when the shape is known
-        while tracing, plain programs otherwise
-        (docs/decisions/002-xla-min-elements.md).
-      fused_min_elements: int >= 0, default 96 Ki. With oneDNN, `BatchNorm`
-        training inputs (float32 NHWC, static shape, no mask) of at least this
-        many elements run TensorFlow's fused batch-norm op
+    Attributes (a bad value raises `ValueError` naming the field, `TypeError` for `jit`):
+      warmup_calls: int >= 0, default 50. Training calls at an input shape on the plain programs
+        before XLA compiles it; 0 compiles at once (docs/decisions/001-xla-only-for-recurring-shapes.md).
+      max_shapes: int >= 0, default 16. Shapes compiled per layer, further ones staying plain with
+        a one-time warning; 0 never compiles.
+      min_elements: int >= 0, default 2^20. Smaller training inputs never run XLA programs: inline
+        ops when the shape is static, else plain programs (docs/decisions/002-xla-min-elements.md).
+      fused_min_elements: int >= 0, default 96 Ki. With oneDNN, `BatchNorm` training inputs this
+        large (float32 NHWC, static shape, no mask) run TensorFlow's fused batch-norm op
         (docs/decisions/003-onednn-fused-training-threshold.md).
-      block: int >= 1, default 16. Elements per first-stage block of the sums
-        built for XLA's CPU backend (docs/decisions/007-block-sums-for-xla-cpu.md).
-      two_input_block: int >= 1, default 8. The same for sums reading two
-        tensors at once (the backward's pair of sums).
-      group_matmul_limit: int >= 0, default 16. Per-group sums add their
-        partial sums with one block-diagonal product up to this many groups.
-      jit: bool, default True. False runs plain programs only (what
-        `jit_disabled()` sets for its thread).
-      platform: None (default: as TensorFlow runs, "cpu" or "cpu-onednn"),
-        or one of "cpu", "cpu-onednn", "gpu": the platform the router
-        assumes. "gpu" is designed on paper, untested
-        (docs/decisions/022-gpu-route-untested.md).
+      block: int >= 1, default 16. Elements per first-stage block of the sums built for XLA's CPU
+        backend (docs/decisions/007-block-sums-for-xla-cpu.md).
+      two_input_block: int >= 1, default 8. The same for sums reading two tensors at once.
+      group_matmul_limit: int >= 0, default 16. Per-group sums add their partial sums with one
+        block-diagonal product up to this many groups.
+      jit: bool, default True. False: plain programs only (what `jit_disabled()` sets).
+      platform: None (default: "cpu" or "cpu-onednn", as TensorFlow runs), "cpu", "cpu-onednn" or
+        "gpu" (on paper, untested: docs/decisions/022-gpu-route-untested.md): the platform the
+        router assumes.
     """
 
     warmup_calls: int = 50
@@ -58,24 +48,18 @@ class Policy:
     platform: str = None
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "jit":
-                if not isinstance(value, bool):
-                    raise TypeError(f"Argument `jit` must be a bool. Received: jit={value!r}")
-            elif field.name == "platform":
-                if value is not None and value not in PLATFORMS:
-                    raise ValueError(
-                        f"Argument `platform` must be None or one of {PLATFORMS}. "
-                        f"Received: platform={value!r}"
-                    )
-            else:
-                least = 1 if "block" in field.name else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                    raise ValueError(
-                        f"Argument `{field.name}` must be an int >= {least}. "
-                        f"Received: {field.name}={value!r}"
-                    )
+        ints = [field.name for field in dataclasses.fields(self) if field.name not in ("jit", "platform")]
+        for name in ints:
+            value, least = getattr(self, name), 1 if "block" in name else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Argument `{name}` must be an int >= {least}. Received: {name}={value!r}")
+        if not isinstance(self.jit, bool):
+            raise TypeError(f"Argument `jit` must be a bool. Received: jit={self.jit!r}")
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise ValueError(
+                f"Argument `platform` must be None or one of {PLATFORMS}. "
+                f"Received: platform={self.platform!r}"
+            )
 
 
 DEFAULT = Policy()
@@ -85,6 +69,7 @@ _local = threading.local()
 
 
 def _overrides():
+    """This thread's `xla_policy` blocks' overrides, innermost last."""
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
@@ -114,13 +99,9 @@ def get_xla_policy():
 
 
 def set_xla_policy(**fields):
-    """Sets policy fields (see `Policy` for each): process-wide outside any
-    `xla_policy` block, else in this thread's innermost block, which then
-    undoes them on exit.
-
-    `ValueError`/`TypeError` naming the field for a bad value or an unknown
-    name.
-    """
+    """Sets policy fields (see `Policy` for each; None leaves a field as it is): process-wide
+    outside any `xla_policy` block, else in this thread's innermost block, which then undoes
+    them on exit. `ValueError`/`TypeError` naming the field for a bad value or an unknown name."""
     global _default
     given = _given(fields)
     stack = _overrides()
@@ -133,12 +114,9 @@ def set_xla_policy(**fields):
 
 @contextlib.contextmanager
 def xla_policy(**fields):
-    """Overrides policy fields for the current thread within a `with` block.
-
-    Blocks nest, and `set_xla_policy` inside a block changes that block
-    only: on exit this thread's policy is what it was, and no other thread
-    ever sees it (`with xla_policy(): ...` scopes whatever the body sets).
-    """
+    """Overrides policy fields (errors as `set_xla_policy`) for the current thread only within a
+    `with` block. Blocks nest, and `set_xla_policy` inside one changes that block only: on exit
+    this thread's policy is what it was (`with xla_policy(): ...` scopes whatever the body sets)."""
     stack = _overrides()
     stack.append(_given(fields))
     depth = len(stack)

@@ -1,21 +1,12 @@
 """When a training call is worth its XLA programs: shapes that recur, counted at run time.
 
-XLA compiles a program once per concrete input shape, which costs far more than
-one call saves (docs/decisions/001-xla-only-for-recurring-shapes.md). So a training kernel
-called outside an XLA-compiled function starts on its plain TensorFlow graph
-for every new input shape, and switches to its XLA programs once that shape has
-been used `warmup_calls` times: the steady batch of a training run is compiled
-early on, while the last, partial batch of an epoch, or a sequence length seen
-a few times, never waits for a compiler (`Policy.warmup_calls`). At most
-`Policy.max_shapes` shapes are compiled per layer; further shapes stay plain, with a
-one-time warning (training on many distinct shapes, e.g. unpadded sequences,
-would otherwise compile without end).
-
-Each layer counts its own calls (`ShapeUse`), in a `MutableHashTable` updated
-by the training graph itself, so the decision is taken at run time, per call,
-for the shape actually seen (a `tf.function` traced once with an unknown batch
-size sees all of them). Layers whose inputs have the same shape share the
-compiled programs: XLA caches them by shape.
+XLA compiles a program once per input shape, which costs far more than one call saves
+(docs/decisions/001-xla-only-for-recurring-shapes.md). So a training kernel called outside an
+XLA-compiled function runs its plain graph at a new input shape until that shape has been used
+`Policy.warmup_calls` times, and at most `Policy.max_shapes` shapes are compiled per layer (further
+shapes stay plain, with a one-time warning). Each layer counts its own calls (`ShapeUse`) in a
+table the training graph itself updates: the decision is taken per call, for the shape actually
+seen (a trace with an unknown batch size sees them all); XLA caches the programs by shape.
 """
 
 import itertools
@@ -26,12 +17,9 @@ import tensorflow as tf
 
 _lock = threading.Lock()
 
-# A shape that reached the limit is stored with this count: it stays plain.
-_REFUSED = -1
-# Keys under which each table counts the shapes it has promoted to XLA, and
-# keeps the id of its `ShapeUse` (which names the caller in the warning).
-_PROMOTED_KEY = -1
-_ID_KEY = -2
+_REFUSED = -1  # the count stored for a shape refused at the limit: it stays plain
+_PROMOTED_KEY = -1  # the key of a table's count of the shapes it promoted to XLA
+_ID_KEY = -2  # the key of its `ShapeUse`'s id, which names the caller in the warning
 
 
 def _shape_key(shape):
@@ -63,13 +51,8 @@ def _warn_once(caller_id, limit):
 
 
 class ShapeUse:
-    """One caller's count of training calls per input shape (a layer keeps one).
-
-    `handle()` is the count table's resource handle, which the kernel's
-    dispatch program reads and updates (`decide`). The table is created at the
-    first call (TensorFlow resources are made outside any function being
-    traced). Copies start counting afresh.
-    """
+    """One caller's count of training calls per input shape (a layer keeps one); `description`
+    names it in the warning. Copies and unpickled ones start counting afresh."""
 
     def __init__(self, description):
         self.description = description
@@ -77,17 +60,12 @@ class ShapeUse:
         _descriptions[self._id] = description
         self._table = None
 
-    def __deepcopy__(self, memo):
-        return ShapeUse(self.description)
-
-    def __getstate__(self):
-        return {"description": self.description}
-
-    def __setstate__(self, state):
-        self.__init__(state["description"])
+    def __reduce__(self):
+        return ShapeUse, (self.description,)
 
     def handle(self):
-        """The count table's resource handle (the table is made on first use)."""
+        """The count table's resource handle, which the kernel's dispatch program reads and updates
+        (`decide`); the table is made at the first call, outside any function being traced."""
         with _lock:
             if self._table is None:
                 with tf.init_scope():
@@ -111,13 +89,10 @@ def _insert(handle, key, value):
 
 
 def decide(handle, x, warmup, limit, min_elements=0):
-    """Counts this call and returns whether it runs the XLA programs (a bool tensor).
-
-    Runs inside a kernel's dispatch program, traced once for every caller:
-    the caller comes in as its table's `handle`, the policy (`warmup`,
-    `limit`, `min_elements`: Python ints) as constants of the trace. An input
-    under `min_elements` elements stays plain and takes no compile slot.
-    """
+    """Counts this call and returns whether it runs the XLA programs (a bool tensor). Traced in a
+    kernel's dispatch program once for every caller, whose table comes in as `handle`, the policy
+    (`warmup`, `limit`, `min_elements`: Python ints) as constants; an input under `min_elements`
+    elements stays plain and takes no compile slot."""
     key = _shape_key(tf.shape(x))
     large = tf.size(x, out_type=tf.int64) >= min_elements
     previous = _find(handle, key)
@@ -127,16 +102,14 @@ def decide(handle, x, warmup, limit, min_elements=0):
     stays_plain = tf.logical_or(refused, tf.equal(previous, _REFUSED))
     count = tf.where(stays_plain, tf.constant(_REFUSED, tf.int64), previous + 1)
     promoted_now = tf.cast(tf.logical_and(promoting, tf.logical_not(refused)), tf.int64)
+
+    def warn():
+        return tf.py_function(_warn_once, [_find(handle, _ID_KEY), tf.constant(limit, tf.int64)], tf.int32)
+
     updates = [
         _insert(handle, key, count),
         _insert(handle, _PROMOTED_KEY, promoted + promoted_now),
-        tf.cond(
-            refused,
-            lambda: tf.py_function(_warn_once, [_find(handle, _ID_KEY), tf.constant(limit, tf.int64)], tf.int32),
-            lambda: tf.constant(0),
-        ),
+        tf.cond(refused, warn, lambda: tf.constant(0)),
     ]
     with tf.control_dependencies(updates):
-        return tf.logical_and(
-            tf.logical_and(previous >= warmup, tf.logical_not(stays_plain)), large
-        )
+        return tf.logical_and(tf.logical_and(previous >= warmup, tf.logical_not(stays_plain)), large)
