@@ -1,10 +1,9 @@
 """Activations fused into the normalization kernels: value and derivative.
 
-The forward applies `f` in the loop that writes `y = f(z)`; the backward uses `dz = dy · f'(z)`,
-recomputing `z` from `x` under XLA, keeping it and using TensorFlow's gradient op where there is
-one in a graph run op by op (docs/decisions/019-keep-pre-activation-and-gradient-ops.md). Each
-activation is `keras.activations.<name>` with its default arguments; at a kink (relu at 0, relu6
-at 0 and 6, hard sigmoid at ±3) the derivative is the value TensorFlow's own gradient gives.
+Each is `keras.activations.<name>` with its default arguments. The backward's `dz = dy · f'(z)`
+recomputes `z` under XLA, and in a graph run op by op keeps it and uses TensorFlow's gradient op
+where there is one (docs/decisions/019-keep-pre-activation-and-gradient-ops.md); at a kink (relu
+at 0, relu6 at 0 and 6, hard sigmoid at ±3) the derivative is the value TensorFlow's gives.
 """
 
 import math
@@ -84,23 +83,21 @@ _FUNCTIONS = {
 ACTIVATIONS = tuple(_FUNCTIONS)  # the canonical names of the activations the kernels can fuse
 
 
-def _check(name):
+def _functions(name):
+    """`(f, f')` of the activation `name`; `ValueError` for an unknown name."""
     if name not in _FUNCTIONS:
         raise ValueError(
             f"Unknown fused activation {name!r}; expected None or one of {', '.join(ACTIVATIONS)}."
         )
+    return _FUNCTIONS[name]
 
 
 def activate(z, name):
-    """`f(z)` for the activation `name` (None: the identity)."""
-    if name is None:
-        return z
-    _check(name)
-    return _FUNCTIONS[name][0](z)
+    """`f(z)` for the activation `name` (None: the identity); `ValueError` for an unknown name."""
+    return z if name is None else _functions(name)[0](z)
 
 
-# TensorFlow's own gradient ops: one pass over memory where `dy * f'(z)` is three when a graph
-# runs op by op. XLA fuses either form into one loop, so graphs built for it keep the formula.
+# TensorFlow's own gradient ops, one pass over memory where `dy * f'(z)` is three op by op.
 _GRADIENT_OPS = {
     "relu": lambda dy, z: tf.raw_ops.ReluGrad(gradients=dy, features=z),
     "relu6": lambda dy, z: tf.raw_ops.Relu6Grad(gradients=dy, features=z),
@@ -111,10 +108,11 @@ _GRADIENT_OPS = {
 
 
 def activation_gradient(dy, z, name, build):
-    """`dy · f'(z)`, the gradient reaching the pre-activation `z` (`dy` when `name` is None)."""
+    """`dy · f'(z)`, the gradient reaching the pre-activation `z` (`dy` when `name` is None);
+    `ValueError` for an unknown name."""
     if name is None:
         return dy
-    _check(name)
+    derivative = _functions(name)[1]
     if name in _GRADIENT_OPS and not build.for_xla:
         return _GRADIENT_OPS[name](dy, z)
-    return dy * _FUNCTIONS[name][1](z)
+    return dy * derivative(z)

@@ -1,10 +1,9 @@
 """TensorFlow's fused batch-norm op (`FusedBatchNormV3`) as a route of the kernels.
 
-The router (`routing.choose_route`) sends a call here when the op can compute
-it (`accepts`) and pays: inference in a graph run op by op, where TensorFlow's
-graph optimizer folds the op into a preceding convolution, and training steps
-with oneDNN from `Policy.fused_min_elements` elements, where oneDNN's kernel is
-one pass each way (docs/decisions/003-onednn-fused-training-threshold.md,
+The router (`routing.choose_route`) sends a call here when the op can compute it (`accepts_*`)
+and pays: inference in a graph run op by op, where TensorFlow's graph optimizer folds the op into
+a preceding convolution, and training steps with oneDNN from `Policy.fused_min_elements` elements,
+where oneDNN's kernel is one pass each way (docs/decisions/003-onednn-fused-training-threshold.md,
 005-fused-inference-op.md). On a GPU the same op is cuDNN's (on paper, untested:
 docs/decisions/022-gpu-route-untested.md). Gradients are TensorFlow's own.
 """
@@ -17,53 +16,28 @@ from kerasbn.kernels.activations import activate
 MIN_EPSILON = 1.001e-5
 
 
-def _nhwc_float32(x, feature_axes, epsilon):
-    return (
-        x.dtype == tf.float32
-        and x.shape.rank == 4
-        and tuple(feature_axes) == (3,)
-        and epsilon >= MIN_EPSILON
-    )
+def accepts_inference(x, *, feature_axes, epsilon):
+    """Whether the op can normalize `x` with given statistics: float32 NHWC, epsilon at least
+    `MIN_EPSILON`."""
+    nhwc = x.shape.rank == 4 and tuple(feature_axes) == (3,)
+    return x.dtype == tf.float32 and nhwc and epsilon >= MIN_EPSILON
 
 
 def accepts_training(x, mask, *, feature_axes, epsilon):
-    """Whether the op can take a training step on `x`: float32 NHWC without a
-    mask, a shape known while tracing with at least two elements per feature
-    (the op returns the Bessel-corrected variance, undone with the count)."""
-    if mask is not None or not _nhwc_float32(x, feature_axes, epsilon):
-        return False
-    if not x.shape.is_fully_defined() or not x.shape[3]:
+    """Whether the op can take a training step on `x`: as `accepts_inference`, without a mask, a
+    shape known while tracing with at least two elements per feature (the op returns the
+    Bessel-corrected variance, undone with the count)."""
+    usable = mask is None and accepts_inference(x, feature_axes=feature_axes, epsilon=epsilon)
+    if not usable or not x.shape.is_fully_defined() or not x.shape[3]:
         return False
     return x.shape.num_elements() // x.shape[3] >= 2
 
 
-def accepts_inference(x, *, feature_axes, epsilon):
-    """Whether the op can normalize `x` with given statistics: float32 NHWC."""
-    return _nhwc_float32(x, feature_axes, epsilon)
-
-
 def training_step(x, gamma, beta, *, epsilon, activation):
-    """`(y, statistics)` of a training step: the output and the batch's
-    per-feature `mean`, biased `variance` and element `count`."""
-    y, mean, variance, count = _training(x, gamma, beta, epsilon)
-    statistics = {"mean": mean, "variance": variance, "count": tf.fill(tf.shape(mean), count)}
-    return activate(y, activation), statistics
-
-
-def inference(x, gamma, beta, mean, variance, *, epsilon, activation):
-    """`f(γ (x - mean) / sqrt(variance + ε) + β)` with the given statistics."""
-    return activate(_inference(x, gamma, beta, mean, variance, epsilon), activation)
-
-
-def _training(x, gamma, beta, epsilon):
-    """`(y, mean, variance, count)` of a training step by `FusedBatchNormV3`.
-
-    `y = γ (x - mean) / sqrt(variance + ε) + β` with the batch's mean and
-    biased variance (the op's unbiased one times (n - 1) / n), both per
-    feature, and `count` the constant n; absent γ, β are 1, 0. Its gradient
-    is TensorFlow's (`FusedBatchNormGradV3`): dx, dγ and dβ through the batch
-    statistics, the formulas of `normalize.normalize_backward`.
-    """
+    """`(f(y), statistics)` of a training step by `FusedBatchNormV3`: `y = γ (x - mean) /
+    sqrt(variance + ε) + β` (absent γ, β are 1, 0), and the batch's per-feature `mean`, biased
+    `variance` (the op's unbiased one times (n - 1) / n) and element `count` n. Its gradient is
+    TensorFlow's (`FusedBatchNormGradV3`): the formulas of `normalize.normalize_backward`."""
     channels = x.shape[3]
     count = x.shape.num_elements() // channels
     ones, zeros = tf.ones([channels], x.dtype), tf.zeros([channels], x.dtype)
@@ -71,33 +45,30 @@ def _training(x, gamma, beta, epsilon):
     # The mean and variance given are not read in training.
     y, mean, unbiased_variance = _op(x, scale, offset, zeros, ones, epsilon, True)[:3]
     variance = unbiased_variance * ((count - 1) / count)
-    return y, mean, variance, tf.constant(float(count), x.dtype)
+    count = tf.fill(tf.shape(mean), tf.constant(float(count), x.dtype))
+    return activate(y, activation), {"mean": mean, "variance": variance, "count": count}
+
+
+def inference(x, gamma, beta, mean, variance, *, epsilon, activation):
+    """`f(γ (x - mean) / sqrt(variance + ε) + β)` with the given statistics."""
+    return activate(_inference(x, gamma, beta, mean, variance, epsilon), activation)
 
 
 def _per_channel_sum(x):
-    """`(a, b)` when the graph computes `x` as `a + b` with `b` one value per
-    channel (a bias: Keras' `Conv2D` adds its own as `BiasAdd`), else None.
-
-    Only for a float32 NHWC `x` built in the graph being traced.
-    """
+    """`(a, b)` when the graph being traced computes the float32 NHWC `x` as `a + b` with `b` one
+    value per channel (a bias: Keras' `Conv2D` adds its own as `BiasAdd`), else None."""
     if tf.executing_eagerly() or not hasattr(x, "op"):
         return None
-    op = x.op
-    # Another reader of the sum would need it computed after all, and
-    # without this op TensorFlow's optimizer no longer fuses the addition
-    # into the convolution; control inputs would be bypassed.
-    if x.consumers() or op.control_inputs:
+    op, channels = x.op, x.shape[3]
+    # Another reader of the sum would need it computed after all (and stop the optimizer fusing the
+    # addition into the convolution); control inputs would be bypassed.
+    if x.consumers() or op.control_inputs or channels is None:
         return None
-    if op.type == "BiasAdd":
-        if op.get_attr("data_format") not in (b"NHWC", "NHWC"):
-            return None
+    if op.type == "BiasAdd" and op.get_attr("data_format") in (b"NHWC", "NHWC"):
         pairs = [(op.inputs[0], op.inputs[1])]
     elif op.type in ("AddV2", "Add"):
         pairs = [(op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])]
     else:
-        return None
-    channels = x.shape[3]
-    if channels is None:
         return None
     per_channel_shapes = ([channels], [1, 1, 1, channels])
     for whole, bias in pairs:
@@ -108,21 +79,13 @@ def _per_channel_sum(x):
 
 
 def _inference(x, gamma, beta, mean, variance, epsilon):
-    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0.
-
-    When `x` is `a + b` with a per-channel `b` (`_per_channel_sum`: a
-    convolution's bias) and nothing else reads `x` yet, the op normalizes `a`
-    with the mean `mean - b`: `(a - (mean - b)) k + β` with
-    `k = γ / sqrt(variance + ε)`, as accurate as `(x - mean) k + β`.
-    TensorFlow's graph optimizer then folds the op into a convolution that
-    produces `a`, as it does when there is no bias, and the addition is
-    never computed. If such a graph is differentiated later, the gradients
-    of `a`, `b`, γ and β stay exact (`b`'s reaches it through a term of the
-    offset that is zero in value, `(b - stop_gradient(b)) k`); the moving
-    statistics get none, as without the bias; and `x` itself is no longer
-    on the path to the output, so a gradient asked of that intermediate
-    tensor is None (docs/decisions/006-inference-bias-fold.md).
-    """
+    """`γ (x - mean) / sqrt(variance + ε) + β` by `FusedBatchNormV3`; absent γ, β are 1, 0. When
+    `x` is `a + b` with a per-channel `b` (`_per_channel_sum`: a convolution's bias), the op
+    normalizes `a` with the mean `mean - b`, as accurate, so that TensorFlow's graph optimizer
+    folds it into the convolution producing `a` and never computes the addition. Differentiated
+    later, `a`, `b`, γ and β get exact gradients (`b`'s through an offset term zero in value), the
+    moving statistics none, and `x`, off the path to the output, None
+    (docs/decisions/006-inference-bias-fold.md)."""
     scale = tf.ones_like(mean) if gamma is None else gamma
     offset = tf.zeros_like(mean) if beta is None else beta
     split = _per_channel_sum(x)

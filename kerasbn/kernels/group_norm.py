@@ -1,13 +1,10 @@
-"""Group normalisation (Wu & He 2018).
+"""Group normalisation (Wu & He 2018): `y = f(γ_c (x − μ_ng) / sqrt(σ²_ng + ε) + β_c)`.
 
-The channel axis c is split into (groups, channels per group); each sample's group is normalised
-over its channels and every other non-batch axis:
-
-    x̂ = (x − μ_ng) / sqrt(σ²_ng + ε),    z = γ_c x̂ + β_c,    y = f(z)
-
-with f an optional fused activation: `normalize.normalize_with_batch_statistics` on the grouped
-view [N, ..., G, C/G], one statistic per sample and group (the output never depends on the batch
-size), γ, β varying along the member axis C/G (docs/decisions/020-group-norm-backward-sums.md).
+The channel axis c is split into (groups, channels per group), and each sample's group normalised
+over its channels and every other non-batch axis, so the output never depends on the batch size:
+`normalize.normalize_with_batch_statistics` on the grouped view [N, ..., G, C/G], γ, β varying
+along the member axis C/G (docs/decisions/020-group-norm-backward-sums.md); f is an optional
+fused activation.
 """
 
 import tensorflow as tf
@@ -28,7 +25,7 @@ def static_reshape_target(shape):
 
 def grouped_shape(x, groups, channel_axis):
     """`x`'s shape with its channel axis split into (groups, channels // groups): Python ints when
-    known while tracing (fewer graph ops), else a tensor."""
+    known while tracing (fewer ops; `ValueError` unless `groups` is a positive divisor), else a tensor."""
     static = static_reshape_target(x.shape)
     channels = x.shape[channel_axis]
     if static is not None and channels is not None and isinstance(groups, int):
@@ -46,9 +43,9 @@ def grouped_shape(x, groups, channel_axis):
 def group_parameter(param, rank, groups, channel_axis, default, dtype):
     """A per-channel tensor shaped to broadcast against the grouped input; None becomes a
     broadcastable scalar `default`."""
-    if param is None:
-        return tf.fill([1] * (rank + 1), tf.constant(default, dtype))
     shape = [1] * (rank + 1)
+    if param is None:
+        return tf.fill(shape, tf.constant(default, dtype))
     shape[channel_axis : channel_axis + 2] = [groups, -1]
     return tf.reshape(param, shape)
 
@@ -56,13 +53,11 @@ def group_parameter(param, rank, groups, channel_axis, default, dtype):
 @kernel(per_layer_ints=("groups",))
 def group_norm(x, gamma, beta, mask=None, *, build, groups, epsilon, channel_axis, activation=None):
     """Group-normalises `x` (float32 or float64), returning a tensor of its shape and dtype.
-
     `gamma`, `beta`: per-channel tensors or None (no scale / no offset). `mask`: optional boolean
     tensor of `x`'s shape without the channel axis; False positions leave the statistics.
     `groups`: int dividing the channels (the kernel's programs take it as a tensor, so one trace
     serves every group count). `epsilon`: Python float. `channel_axis`: non-negative int.
-    `activation`: None or a fused activation's name (`activations.ACTIVATIONS`).
-    """
+    `activation`: None or a name from `activations.ACTIVATIONS`."""
     rank = x.shape.rank
     original_shape = static_reshape_target(x.shape) or tf.shape(x)
     grouped = tf.reshape(x, grouped_shape(x, groups, channel_axis))

@@ -1,14 +1,11 @@
 """Numerically stable batch moments, and the fast sums the kernels reduce with.
 
 The variance takes two passes (mean, then mean squared deviation): the one-pass E[x²] - E[x]²
-loses every digit when the mean is large against the spread.
-
-`sum_over`, not `tf.reduce_sum`: XLA's CPU backend turns a long reduction into a `reduce-window`
-that does not fuse its elementwise producer (`(x - m)**2` becomes a temporary as large as `x`),
-but leaves a short one alone. So blocks are summed first, reading `x` once, and the partial sums
-added by a matrix product with ones (XLA's matmul library): the same sum in another order. Built
-without `block_sums` (no XLA), a sum is one `tf.reduce_sum`. Block sizes come from the `Policy`.
-Why: docs/decisions/007-block-sums-for-xla-cpu.md to 012-plain-graphs-sum-with-reduce-sum.md.
+loses every digit when the mean is large against the spread. `sum_over`, not `tf.reduce_sum`:
+XLA's CPU backend does not fuse a long reduction with its elementwise producer (`(x - m)**2`
+becomes a temporary as large as `x`), so short blocks are summed first, reading `x` once, and the
+partial sums added by a matrix product with ones; built without `block_sums` (no XLA), a sum is one
+`tf.reduce_sum`. Why: docs/decisions/007-block-sums-for-xla-cpu.md to 012-plain-graphs-sum-with-reduce-sum.md.
 """
 
 import math
@@ -28,10 +25,9 @@ def _dim(values, axis):
 
 
 def _ones(length, dtype, column=False):
-    """A [2, length] matrix (`column`: [length, 2]) whose first row (column) only, ones, is used:
-    two keep the product matrix-matrix (XLA's CPU backend inlines a small matrix-vector product
-    as a naive loop); a static one is a literal with zeros, kept as a constant rather than ones
-    broadcast on every call (docs/decisions/009-two-row-ones-matrix.md)."""
+    """A [2, length] matrix (`column`: [length, 2]) whose first row (column), ones, alone is used,
+    so that the product is matrix-matrix; a literal with zeros when `length` is a Python int
+    (docs/decisions/009-two-row-ones-matrix.md)."""
     if isinstance(length, int):
         value = np.zeros((2, length), dtype.as_numpy_dtype)
         value[0] = 1
@@ -53,10 +49,8 @@ def _group_indicator(groups, blocks, dtype):
 
 
 def _group_totals(partial, groups, blocks, limit):
-    """`[G, blocks, C]` partial sums -> `[G, C]`. A batched product with ones makes XLA transpose
-    the partial sums inside the fused first stage (reading the input less regularly), so up to
-    `limit` groups one block-diagonal product adds them instead, at G times the flops
-    (docs/decisions/010-group-sums-block-diagonal.md); with G unknown, a `tf.cond`."""
+    """`[G, blocks, C]` partial sums -> `[G, C]`: one block-diagonal product up to `limit` groups,
+    else a batched one; with G unknown, a `tf.cond` (docs/decisions/010-group-sums-block-diagonal.md)."""
     columns = tf.shape(partial)[2]
 
     def by_block_diagonal():
@@ -112,22 +106,19 @@ def _runs(axes):
 
 
 def sum_over(values, axes, build, block=None):
-    """`tf.reduce_sum(values, axes, keepdims=True)`, arranged to be fast under XLA.
-
-    `block`: the first stage's length (default `build.block`). Layouts (K kept, R reduced): [R, K]
-    column sums; [R, K, R] row sums, then column sums; [K, R, K, R] (per sample or ghost batch)
-    column sums per sample over [R, K·R], then the trailing R. Others use `tf.reduce_sum`.
-    """
+    """`tf.reduce_sum(values, axes, keepdims=True)`, arranged to be fast under XLA; `block`: the
+    first stage's length (default `build.block`). Layouts (K kept, R reduced): [R, K] column sums;
+    [R, K, R] row sums, then column sums; [K, R, K, R] (per sample or ghost batch) column sums per
+    sample over [R, K·R], then the trailing R. Others use `tf.reduce_sum`."""
     rank = values.shape.rank
     axes = tuple(sorted(a % rank for a in axes))
-    if not build.block_sums:
+    kept = [axis for axis in range(rank) if axis not in axes]
+    kept_runs = _runs(kept)
+    laid_out = kept and axes and (len(kept_runs) == 1 or (len(kept_runs) == 2 and kept[0] == 0))
+    if not build.block_sums or not laid_out:
         return tf.reduce_sum(values, axis=axes, keepdims=True)
     block = build.block if block is None else block
     limit = build.group_matmul_limit
-    kept = [axis for axis in range(rank) if axis not in axes]
-    kept_runs = _runs(kept)
-    if not kept or not axes or len(kept_runs) > 2 or (len(kept_runs) == 2 and kept[0] != 0):
-        return tf.reduce_sum(values, axis=axes, keepdims=True)
     shape = tf.shape(values)
     kept_shape = tf.stack([shape[axis] if axis in kept else 1 for axis in range(rank)])
 
@@ -193,14 +184,12 @@ def at_least_one(count):
 
 
 def moments(x, axes, mask, build):
-    """`(mean, variance, count)` of `x` over `axes` (kept as size 1), the variance biased.
-
-    `mask`: None or a boolean tensor broadcastable to `x`; False positions never enter the
-    statistics, even NaN or inf. With `count` zero, mean and variance are zero, not NaN. Except
-    with `build.differentiable` the statistics carry no gradient (the custom gradient accounts
-    for them), which also keeps `sum_over`'s reshapes by computed shapes off the backward, where
-    XLA would trace those shapes back to `x`'s values and recompile on every call.
-    """
+    """`(mean, variance, count)` of `x` over `axes` (kept as size 1), the variance biased. `mask`:
+    None or a boolean tensor broadcastable to `x`; False positions never enter the statistics,
+    even NaN or inf. With `count` zero, mean and variance are zero, not NaN. Except with
+    `build.differentiable` the statistics carry no gradient (the custom gradient accounts for
+    them), which also keeps `sum_over`'s reshapes by computed shapes off the backward (XLA would
+    recompile them on every call)."""
     x = x if build.differentiable else tf.stop_gradient(x)
     count = element_count(x, axes, mask)
     divisor = at_least_one(count)

@@ -47,14 +47,9 @@ def affine_factors(gamma, beta, inv_std, r=None, d=None):
     return scale, shift
 
 
-def normalize_forward(x, gamma, beta, mean, inv_std, r=None, d=None, activation=None):
-    """`f(γ (r (x - μ) inv_std + d) + β)` in one fused pass; per-feature arguments broadcast
-    against `x`, `activation` is None or a name from `activations.ACTIVATIONS`."""
-    return activate(pre_activation(x, gamma, beta, mean, inv_std, r, d), activation)
-
-
 def pre_activation(x, gamma, beta, mean, inv_std, r=None, d=None):
-    """`z = γ (r (x - μ) inv_std + d) + β`, before the fused activation."""
+    """`z = γ (r (x - μ) inv_std + d) + β`, before the fused activation, in one pass; per-feature
+    arguments broadcast against `x`."""
     scale, shift = affine_factors(gamma, beta, inv_std, r, d)
     return (x - mean) * scale + shift
 
@@ -68,11 +63,9 @@ def normalize_backward(
     dy, x, gamma, beta, mean, inv_std, count, *, axes, build, member_axes=(), mask=None, r=None,
     d=None, all_reduce=None, activation=None, z=None
 ):
-    """Gradients `(dx, dγ, dβ)` of `normalize_forward` through the batch statistics.
-
-    Arguments as in `normalize_with_batch_statistics` (`inv_std` for variance and epsilon); `z`
-    is `kept_for_backward`'s (None: recompute). `dγ`, `dβ` have the shapes of `gamma` and `beta`.
-    """
+    """Gradients `(dx, dγ, dβ)` of `f(pre_activation(...))` through the batch statistics, `dγ`, `dβ`
+    of the shapes of `gamma` and `beta`. Arguments as in `normalize_with_batch_statistics`
+    (`inv_std` for variance and epsilon); `z` is `kept_for_backward`'s (None: recompute)."""
     divisor = at_least_one(count)
     scale, _ = affine_factors(gamma, beta, inv_std, r, d)
     if activation is not None:  # dz = dy f'(z); a recomputed z fuses into both passes below
@@ -82,15 +75,13 @@ def normalize_backward(
     parameter_axes = tuple(axis for axis in axes if axis not in member_axes)
     sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), parameter_axes, build)
     sum_dy_xhat = sum_dy_centred * inv_std
-    # With g = γ r dy: S1 = Σ g = Σ_members γ r A and S2 = Σ g x̂ = Σ_members γ r B.
     factor = gamma if r is None else gamma * r
     s1, s2 = factor * sum_dy, factor * sum_dy_xhat
     if member_axes:
         s1, s2 = sum_over(s1, member_axes, build), sum_over(s2, member_axes, build)
     if all_reduce is not None:
         s1, s2 = all_reduce([s1, s2])
-    # dx = inv_std (g - S1/N - x̂ S2/N) = dy scale - [(x - μ) a + b],
-    # a = inv_std² S2/N,  b = inv_std S1/N  (per statistic).
+    # dx = inv_std (g - S1/N - x̂ S2/N) = dy scale - [(x - μ) slope + offset], per statistic.
     slope = inv_std * inv_std * (s2 / divisor)
     offset = inv_std * (s1 / divisor)
     statistics_term = (x - mean) * slope + offset
@@ -113,21 +104,20 @@ def normalize_with_batch_statistics(
     x, gamma, beta, mean, variance, count, *, epsilon, axes, build, member_axes=(), mask=None,
     r=None, d=None, all_reduce=None, activation=None
 ):
-    """`f(γ (r x̂ + d) + β)`, of `x`'s shape and dtype, with the hand-derived gradient.
-
-    `gamma`, `beta`, `r`, `d` (optional corrections, constants) broadcast against `x`; `mean`,
-    `variance`, `count` are `moments(x, axes, mask, build)`'s (with `build.differentiable` all is
-    plain autodiff, exact to any order). `epsilon`: Python float; `axes`: the reduced axes, of
-    which `member_axes` are those along which γ and β vary (group norm's channels in a group).
-    `mask`: optional boolean tensor broadcastable to `x`. `all_reduce`: optional callable summing
-    a list of tensors over replicas, given with global statistics. `activation`: None or a name
-    from `activations.ACTIVATIONS`, fused forward and backward.
-    """
+    """`f(γ (r x̂ + d) + β)`, of `x`'s shape and dtype, with the hand-derived gradient. `gamma`,
+    `beta`, `r`, `d` (optional corrections, constants) broadcast against `x`; `mean`, `variance`,
+    `count` are `moments(x, axes, mask, build)`'s (with `build.differentiable` all is plain
+    autodiff, exact to any order). `epsilon`: Python float; `axes`: the reduced axes, of which
+    `member_axes` are those along which γ and β vary (group norm's channels in a group). `mask`:
+    optional boolean tensor broadcastable to `x`. `all_reduce`: optional callable summing a list
+    of tensors over replicas, given with global statistics (a gradient of its gradient raises
+    `NotImplementedError`). `activation`: None or a name from `activations.ACTIVATIONS`, fused
+    forward and backward."""
     inv_std = inverse_std(variance, count, epsilon)
     if r is not None:
         r, d = tf.stop_gradient(r), tf.stop_gradient(d)
     if build.differentiable:
-        return normalize_forward(x, gamma, beta, mean, inv_std, r, d, activation)
+        return activate(pre_activation(x, gamma, beta, mean, inv_std, r, d), activation)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):

@@ -20,7 +20,6 @@ def combine_moments(mean, variance, count, shift, all_reduce):
     """Global `(mean, variance, count)` from local moments in broadcast shape (`count` may be a
     scalar or of size 1 on the feature axes), in `mean`'s dtype and shape; `shift` is per feature,
     identical on every replica."""
-    dtype = mean.dtype
     shape = tf.shape(mean)
     n = tf.broadcast_to(tf.cast(count, tf.float64), shape)
     deviation = tf.cast(mean, tf.float64) - tf.cast(tf.reshape(shift, shape), tf.float64)
@@ -33,5 +32,5 @@ def combine_moments(mean, variance, count, shift, all_reduce):
     global_variance = tf.maximum(total_squared / divisor - tf.square(global_deviation), 0.0)
     global_mean = tf.cast(tf.reshape(shift, [-1]), tf.float64) + global_deviation
     return tuple(
-        tf.reshape(tf.cast(t, dtype), shape) for t in (global_mean, global_variance, total_n)
+        tf.reshape(tf.cast(t, mean.dtype), shape) for t in (global_mean, global_variance, total_n)
     )
