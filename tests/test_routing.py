@@ -11,9 +11,11 @@ import threading
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kerasbn
 from kerasbn import kernels
+from kerasbn.kernels import tf_internals
 
 TRAINING_CALL = kernels.CallFacts(
     eager=False,
@@ -180,6 +182,46 @@ def test_policy_blocks_do_not_leak_across_threads():
     assert seen["b"] == dict(default, max_shapes=3)
     assert seen["b after"] == default
     assert kernels.get_xla_policy() == default
+
+
+def _policies_in_replica_threads(strategy, traced):
+    """The policy each replica thread of `strategy` sees, and its thread type's name."""
+    seen = []
+
+    def replica():
+        seen.append((threading.current_thread() is not threading.main_thread(), kernels.get_xla_policy()))
+        kernels.set_xla_policy(min_elements=5)  # inside the inherited block, or the default if none
+        return tf.constant(0.0)
+
+    run = tf.function(lambda: strategy.run(replica)) if traced else (lambda: strategy.run(replica))
+    run()
+    return seen
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
+def test_mirrored_strategy_replica_threads_follow_the_callers_blocks(traced):
+    """MirroredStrategy traces each replica in a thread of its own: the blocks of the thread that
+    runs the strategy (e.g. around `model.fit`) reach them, and what a replica sets stays its own."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    default = kernels.get_xla_policy()
+    with kernels.jit_disabled(), kernels.xla_policy(max_shapes=3):
+        seen = _policies_in_replica_threads(strategy, traced)
+        assert kernels.get_xla_policy() == dict(default, jit=False, max_shapes=3)
+    assert seen and all(other_thread for other_thread, _ in seen)
+    assert all(policy == dict(default, jit=False, max_shapes=3) for _, policy in seen)
+    assert kernels.get_xla_policy() == default
+
+
+def test_replica_threads_without_the_private_api_start_from_the_default():
+    """The documented fallback when TensorFlow's replica-thread hook is gone: the default policy."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    default = kernels.get_xla_policy()
+    try:
+        with tf_internals.without_private_apis("on_replica_thread_start"), kernels.xla_policy(max_shapes=3):
+            seen = _policies_in_replica_threads(strategy, traced=False)
+        assert [policy for _, policy in seen] == [default]
+    finally:
+        kernels.set_xla_policy(min_elements=default["min_elements"])  # the replica set the default
 
 
 def test_blocks_nest_and_scope_set_xla_policy():

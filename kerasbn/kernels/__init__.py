@@ -9,7 +9,8 @@ decides how each call runs (docs/layout.md), `policy.Policy` holds the tunables.
 from kerasbn.kernels.batch_norm import batch_norm_inference
 from kerasbn.kernels.explain import Explanation, explain
 from kerasbn.kernels.group_norm import group_norm
-from kerasbn.kernels.policy import Policy, get_xla_policy, jit_disabled, set_xla_policy, xla_allowed, xla_policy
+from kerasbn.kernels.policy import Policy, get_xla_policy, jit_disabled, set_xla_policy
+from kerasbn.kernels.policy import xla_allowed, xla_policy
 from kerasbn.kernels.routing import ROUTES, CallFacts, Route, choose_route
 from kerasbn.kernels.training_step import normalize_batch, train_step
 from kerasbn.kernels.warmup import ShapeUse

@@ -28,17 +28,11 @@ import tensorflow as tf
 from kerasbn.kernels import policy as policies
 from kerasbn.kernels import routing, tf_internals, warmup
 from kerasbn.kernels.build import Build, Residuals
+from kerasbn.kernels.synchronized import SECOND_ORDER_SYNCHRONIZED
 
 # Which of a kernel's flattened outputs carry a gradient: the normalized tensor, which every
 # kernel returns first; the rest are statistics.
 GRADIENT_OUTPUTS = (0,)
-
-# Refusal of a recorded gradient through all-reduced statistics (`Kernel._taped`).
-SECOND_ORDER_SYNCHRONIZED = (
-    "A gradient of a gradient (gradient penalty, Hessian-vector product) through a layer with "
-    "synchronized=True is not supported: its hand-derived gradient treats the global batch "
-    "statistics as constants. Use synchronized=False for such models."
-)
 
 # Where `explain` collects the routes of the calls it traces (this thread only).
 _observers = threading.local()

@@ -30,6 +30,7 @@ import tensorflow as tf
 from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate, activation_gradient
 from kerasbn.kernels.moments import at_least_one, known_count, sum_over, sum_pair
+from kerasbn.kernels.synchronized import SECOND_ORDER_SYNCHRONIZED
 
 
 def inverse_std(variance, count, epsilon):
@@ -128,12 +129,7 @@ def normalize_with_batch_statistics(
         def grad(dy):
             # Without the private API to tell, first-order training must go on.
             if all_reduce is not None and tf_internals.gradient_recorded([x, dy], unknown=False):
-                raise NotImplementedError(
-                    "A gradient of a gradient (gradient penalty, Hessian-vector product) through "
-                    "a layer with synchronized=True is not supported: its hand-derived gradient "
-                    "treats the global batch statistics as constants. Use synchronized=False for "
-                    "such models."
-                )
+                raise NotImplementedError(SECOND_ORDER_SYNCHRONIZED)
             return normalize_backward(
                 dy, x, gamma, beta, mean, inv_std, count, axes=axes, build=build,
                 member_axes=member_axes, mask=mask, r=r, d=d, all_reduce=all_reduce,

@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import threading
 
+from kerasbn.kernels import tf_internals
+
 PLATFORMS = ("cpu", "cpu-onednn", "gpu")
 
 
@@ -73,6 +75,20 @@ def _overrides():
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
+
+
+def _follow_into_replica_threads():
+    """What `MirroredStrategy`'s replica threads, which trace the replicas' layers, run first: a
+    copy of this thread's blocks (`tf_internals.on_replica_thread_start`)."""
+    blocks = [dict(overrides) for overrides in _overrides()]
+
+    def start():
+        _local.stack = [dict(overrides) for overrides in blocks]
+
+    return start
+
+
+tf_internals.on_replica_thread_start(_follow_into_replica_threads)
 
 
 def current():

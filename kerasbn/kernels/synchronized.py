@@ -15,6 +15,13 @@ on CPU, so a synchronized step runs inline (`routing.choose_route`: `collective`
 
 import tensorflow as tf
 
+# Refused: a recorded gradient (second order) through all-reduced statistics.
+SECOND_ORDER_SYNCHRONIZED = (
+    "A gradient of a gradient (gradient penalty, Hessian-vector product) through a layer with "
+    "synchronized=True is not supported: its hand-derived gradient treats the global batch "
+    "statistics as constants. Use synchronized=False for such models."
+)
+
 
 def combine_moments(mean, variance, count, shift, all_reduce):
     """Global `(mean, variance, count)` from local moments in broadcast shape (`count` may be a

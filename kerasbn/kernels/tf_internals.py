@@ -36,6 +36,9 @@ _APIS = {
     ),
     "in_xla_context": _load("tensorflow.python.ops.control_flow_util", "GraphOrParentsInXlaContext"),
     "onednn_enabled": _load("tensorflow.python.util._pywrap_util_port", "IsMklEnabled"),
+    "on_replica_thread_start": _load(
+        "tensorflow.python.distribute.mirrored_run", "_get_thread_local_configuration_callable"
+    ),
 }
 
 
@@ -96,3 +99,28 @@ def onednn_enabled():
     overrides). Fallback: None (unknown), which the kernels treat as off."""
     is_mkl_enabled = _APIS["onednn_enabled"]
     return None if is_mkl_enabled is None else bool(is_mkl_enabled())
+
+
+_REPLICA_THREAD_STARTS = []
+_THREAD_CONFIGURATION = _APIS["on_replica_thread_start"]
+
+
+def on_replica_thread_start(capture):
+    """Registers `capture`, called in the thread where `MirroredStrategy` starts its replica
+    threads; each of them runs the callable it returns before the replica function, so a setting
+    of the caller's thread follows it into the threads tracing the replicas (as TensorFlow's own
+    per-thread settings do, `mirrored_run._get_thread_local_configuration_callable`). Fallback:
+    the replica threads start without it."""
+    _REPLICA_THREAD_STARTS.append(capture)
+
+
+def _replica_thread_configuration():
+    callables = set(_THREAD_CONFIGURATION())
+    if _APIS["on_replica_thread_start"] is not None:
+        callables.update(capture() for capture in _REPLICA_THREAD_STARTS)
+    return callables
+
+
+if _THREAD_CONFIGURATION is not None:
+    _mirrored_run = importlib.import_module("tensorflow.python.distribute.mirrored_run")
+    _mirrored_run._get_thread_local_configuration_callable = _replica_thread_configuration

@@ -88,7 +88,8 @@ def _accepts_fused_training(x, gamma, beta, mask=None, reference=None, shift=Non
     del gamma, beta, shift  # `normalize_batch`'s signature
     if reference is not None or options.get("virtual_batch_size") or options.get("all_reduce"):
         return False
-    return fused_op.accepts_training(x, mask, feature_axes=options["feature_axes"], epsilon=options["epsilon"])
+    feature_axes, epsilon = options["feature_axes"], options["epsilon"]
+    return fused_op.accepts_training(x, mask, feature_axes=feature_axes, epsilon=epsilon)
 
 
 def _fused_training(x, gamma, beta, mask=None, reference=None, shift=None, *, epsilon, activation=None, **_):
