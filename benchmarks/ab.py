@@ -28,11 +28,19 @@ benchmark's rounds):
   the same code differ here (min(old) ÷ max(old) to its inverse);
 - verdict: "within old's spread" when new ÷ old lies in that range, "faster"
   ("less memory") below it, "slower" ("more memory") above it.
+
+`--control COLUMN` (e.g. `"Keras BN"`, code the change does not touch) compares
+instead each time cell divided by the control column's cell of the same table,
+row and run: the machine's drift between runs, which moves both columns of a
+run alike, drops out. `--from-runs DIR` compares the reports an earlier A/B left
+in DIR (`old-1.md`, `new-1.md`, ...) without running anything, e.g. again with
+`--control`.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -88,6 +96,37 @@ class Cell:
         low, high = self.spread
         less, more = ("less memory", "more memory") if self.unit == "MiB" else ("faster", "slower")
         return less if self.ratio < low else more if self.ratio > high else "within old's spread"
+
+
+def relative_to(run, control):
+    """The time cells of one run's values divided by the `control` column's cell of the same
+    table and row (unit "×", column "COLUMN ÷ CONTROL"); rows without the control are left out."""
+    relative = {}
+    for (table, row, column), (value, unit) in run.items():
+        base = run.get((table, row, control))
+        if column != control and unit in ("ms", "s") and base is not None and base[1] == unit:
+            relative[(table, row, f"{column} ÷ {control}")] = (value / base[0], "×")
+    return relative
+
+
+def read_runs(directory):
+    """`{"old": [...], "new": [...]}`: the values of the run reports an A/B left in `directory`
+    (`old-1.md`, `new-1.md`, ..., or the JSON object of `old-1.log` where no report was written)."""
+    runs = {"old": [], "new": []}
+    for side in runs:
+        for i in itertools.count(1):
+            report, log = (os.path.join(directory, f"{side}-{i}.{ext}") for ext in ("md", "log"))
+            if os.path.exists(report):
+                with open(report) as f:
+                    runs[side].append(measured_values(f.read()))
+            elif os.path.exists(log):
+                with open(log) as f:
+                    runs[side].append(printed_values(f.read()))
+            else:
+                break
+    if min(len(values) for values in runs.values()) < 2:
+        raise SystemExit(f"--from-runs: {directory} holds fewer than two old and two new runs")
+    return runs
 
 
 def measured_values(text):
@@ -191,6 +230,8 @@ def render(cells, repeats):
 
 
 def _amount(value, unit):
+    if unit == "×":
+        return f"{value:.3f}×"
     return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
 
 
@@ -199,19 +240,27 @@ def _amount(value, unit):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", required=True, help="commit, or directory of a checkout")
-    parser.add_argument("--new", required=True, help="commit, or directory of a checkout")
+    parser.add_argument("--old", help="commit, or directory of a checkout (required unless --from-runs)")
+    parser.add_argument("--new", help="commit, or directory of a checkout (required unless --from-runs)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternated (at least 2)")
     parser.add_argument("--rounds", type=int, default=None, help="passed to the module as --rounds N")
     parser.add_argument("--onednn", choices=("0", "1"), default=None, help="TF_ENABLE_ONEDNN_OPTS of the runs")
     parser.add_argument("--runs", default=None, help="directory for each run's report and log (default: a new temporary one)")
     parser.add_argument("--output", default=None, help="also write the comparison to this markdown file")
+    parser.add_argument("--control", default=None, help="column to divide each time cell by, per run")
+    parser.add_argument("--from-runs", default=None, help="compare the run reports an A/B left here")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        parser.error("give the benchmark after `--`, e.g. `-- benchmarks.models --quick`")
-    split = argv.index("--")
+    split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.command = argv[split + 1 :]
+    if args.from_runs is not None:
+        if not os.path.isdir(args.from_runs):
+            parser.error(f"--from-runs: {args.from_runs!r} is not a directory")
+        return args
+    if args.old is None or args.new is None:
+        parser.error("--old and --new are required (or --from-runs)")
+    if split == len(argv):
+        parser.error("give the benchmark after `--`, e.g. `-- benchmarks.models --quick`")
     if not args.command or args.command[0].startswith("-"):
         parser.error("after `--`: a benchmark module first, e.g. `benchmarks.models`, then its options")
     if "--output" in args.command or any(a.startswith("--output=") for a in args.command):
@@ -286,23 +335,30 @@ def machine_lines(runs):
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = args.runs or tempfile.mkdtemp(prefix="kerasbn-ab-")
-    os.makedirs(runs, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kerasbn-ab-trees-") as trees, \
-            checkout(args.old, "--old", trees) as old, checkout(args.new, "--new", trees) as new:
-        results = {"old": [], "new": []}
-        for i in range(1, args.repeats + 1):
-            for side, directory in (("old", old), ("new", new)):
-                results[side].append(run_once(f"{side}-{i}", directory, args.command, runs, args.onednn))
+    if args.from_runs is not None:
+        runs, results = args.from_runs, read_runs(args.from_runs)
+        command = f"`python -m benchmarks.ab --from-runs {runs}"
+    else:
+        runs = args.runs or tempfile.mkdtemp(prefix="kerasbn-ab-")
+        os.makedirs(runs, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="kerasbn-ab-trees-") as trees, \
+                checkout(args.old, "--old", trees) as old, checkout(args.new, "--new", trees) as new:
+            results = {"old": [], "new": []}
+            for i in range(1, args.repeats + 1):
+                for side, directory in (("old", old), ("new", new)):
+                    results[side].append(run_once(f"{side}-{i}", directory, args.command, runs, args.onednn))
+        command = (
+            f"`python -m benchmarks.ab --old {args.old} --new {args.new} --repeats {args.repeats}"
+            + (f" --onednn {args.onednn}" if args.onednn else "") + " -- " + " ".join(args.command)
+        )
+    if args.control is not None:
+        results = {side: [relative_to(run, args.control) for run in values] for side, values in results.items()}
+        if not any(results["old"]):
+            raise SystemExit(f"--control: no time column named {args.control!r} in the run reports")
+        command += f"` with `--control {args.control!r}"
     cells, left_out = compare(results["old"], results["new"])
-    header = [
-        f"`python -m benchmarks.ab --old {args.old} --new {args.new} --repeats {args.repeats}"
-        + (f" --onednn {args.onednn}" if args.onednn else "") + " -- " + " ".join(args.command) + "`",
-        "",
-        *machine_lines(runs),
-        "",
-    ]
-    text = "\n".join(header) + "\n" + render(cells, args.repeats)
+    header = [command + "`", "", *machine_lines(runs), ""]
+    text = "\n".join(header) + "\n" + render(cells, len(results["old"]))
     if left_out:
         text += "Not in every run (left out): " + "; ".join(left_out) + "\n"
     print(text + f"\nEach run's report and log: {runs}")

@@ -105,6 +105,35 @@ def test_memory_verdicts_and_cells_missing_from_a_run():
     assert cells == [] and any("kerasbn" in name for name in left_out)
 
 
+def test_control_column_takes_out_drift_that_moves_a_whole_run():
+    """Runs twice as slow overall (the machine, not the code) leave each cell ÷ its control alone."""
+    old = [ab.measured_values(models_report(k, o)) for k, o in ((100, 80), (200, 160))]
+    new = [ab.measured_values(models_report(k, o)) for k, o in ((200, 160), (100, 80))]
+    relative = [ab.relative_to(run, "Keras BN") for run in old]
+    assert relative[0] == {("Training step and inference (median): model, batch, input", "TinyNet, 8, 32×32, plain",
+                            "kerasbn ÷ Keras BN"): (0.8, "×")}
+    (cell,), _ = ab.compare(relative, [ab.relative_to(run, "Keras BN") for run in new])
+    assert (cell.ratio, cell.verdict) == (1.0, "within old's spread")
+    (slower,), _ = ab.compare(relative, [ab.relative_to(ab.measured_values(models_report(100, 90)), "Keras BN")] * 2)
+    assert slower.verdict == "slower" and slower.ratio == pytest.approx(0.9 / 0.8)
+
+
+def test_from_runs_compares_reports_left_by_an_earlier_ab(tmp_path, capsys):
+    for name, (keras_ms, ours_ms) in {"old-1": (100, 80), "new-1": (200, 160), "old-2": (200, 160),
+                                      "new-2": (100, 80)}.items():
+        (tmp_path / f"{name}.md").write_text(models_report(keras_ms, ours_ms))
+    output = tmp_path / "again.md"
+    assert ab.main(["--from-runs", str(tmp_path), "--control", "Keras BN", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| TinyNet, 8, 32×32, plain | kerasbn ÷ Keras BN | 0.800× | 0.800× | 1.000" in text
+    assert "--control 'Keras BN'" in text
+    with pytest.raises(SystemExit, match="no time column named 'Keras'"):
+        ab.main(["--from-runs", str(tmp_path), "--control", "Keras"])
+    (tmp_path / "new-2.md").unlink()
+    with pytest.raises(SystemExit, match="fewer than two old and two new runs"):
+        ab.main(["--from-runs", str(tmp_path)])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -115,6 +144,8 @@ def test_memory_verdicts_and_cells_missing_from_a_run():
         (["--old", "a", "--new", "b", "--rounds", "0", "--", "benchmarks.models"], "--rounds must be at least 1"),
         (["--old", "a", "--new", "b", "--rounds", "2", "--", "benchmarks.models", "--rounds", "3"], "--rounds given twice"),
         (["--old", "a", "--new", "b", "--onednn", "2", "--", "benchmarks.models"], "--onednn"),
+        (["--new", "b", "--", "benchmarks.models"], "--old and --new are required"),
+        (["--from-runs", "/nonexistent/runs"], "is not a directory"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argv, message, capsys):
