@@ -51,7 +51,7 @@ import tempfile
 import time
 
 from benchmarks.timing import ratio_interval
-from tests.markdown_tables import tables
+from benchmarks.markdown_tables import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGIN = "benchmarks.ab: imported from "

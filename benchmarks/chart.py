@@ -10,7 +10,7 @@ machine and oneDNN state the results file records.
     python -m benchmarks.chart     # benchmarks/results_models.md -> benchmarks/results_models.svg
     python -m benchmarks.chart --input benchmarks/results_models_bfc.md --output /tmp/bfc.svg
 
-Reads the table with the tests' markdown table reader (`tests/markdown_tables.py`),
+Reads the table with the markdown table reader the tests share (`benchmarks/markdown_tables.py`),
 so run it from the repository root. Needs matplotlib (the `tutorials` extra,
 which `make install` installs).
 """
@@ -21,7 +21,7 @@ import os
 import re
 import textwrap
 
-from tests.markdown_tables import table
+from benchmarks.markdown_tables import table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO, "benchmarks", "results_models.md")

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from markdown_tables import table
+from benchmarks.markdown_tables import table
 
 run = pytest.importorskip("benchmarks.run")
 cases = pytest.importorskip("benchmarks.cases")

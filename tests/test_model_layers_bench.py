@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 import pytest
-from markdown_tables import table
+from benchmarks.markdown_tables import table
 
 model_layers = pytest.importorskip("benchmarks.model_layers")
 models = pytest.importorskip("benchmarks.models")
