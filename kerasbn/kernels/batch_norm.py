@@ -33,12 +33,12 @@ def affine_parameters(x, gamma, beta, feature_axes, feature_shape):
     return gamma, beta
 
 
-def updated_moving_statistics(moving_mean, moving_variance, mean, variance, count, momentum):
-    """Both moving averages after one batch (all per feature), skipping unusable features."""
-    usable = statistics_are_usable(mean, variance, count)
+def updated_moving_statistics(state, mean, variance, usable, *, momentum):
+    """`state`'s `moving_mean` and `moving_variance` (per feature) after one batch, kept where
+    the batch statistics are not `usable` (`statistics_are_usable`)."""
     return {
-        "moving_mean": moving_average(moving_mean, mean, momentum, usable),
-        "moving_variance": moving_average(moving_variance, variance, momentum, usable),
+        "moving_mean": moving_average(state["moving_mean"], mean, momentum, usable),
+        "moving_variance": moving_average(state["moving_variance"], variance, momentum, usable),
     }
 
 

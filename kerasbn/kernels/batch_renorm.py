@@ -30,8 +30,7 @@ def renorm_corrections(mean, variance, renorm_mean, renorm_stddev, usable, r_max
 def updated_renorm_statistics(state, mean, variance, usable, *, momentum, renorm_momentum, epsilon):
     """The five moving statistics after one batch, skipping features not `usable`: `state` and
     the result are dicts of per-feature `moving_mean`, `moving_variance`, `moving_stddev`,
-    `renorm_mean` and `renorm_stddev`. The batch statistics carry no gradient."""
-    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+    `renorm_mean` and `renorm_stddev`; `mean` and `variance` without gradient."""
     batch_stddev = tf.sqrt(variance + epsilon)
     moving_stddev = moving_average(state["moving_stddev"], batch_stddev, momentum, usable)
     return {

@@ -10,18 +10,17 @@ A layer chooses parts, not functions:
 - activation: fused into the normalisation, forward and backward;
 - moving update: the moving mean and variance, and renorm's three more.
 
-`normalize_batch` is the kernel the router runs (statistics, corrections and
-the normalisation with its hand-derived gradient, `normalize.py`); the moving
-update, and the all-reduce of ghost batches' moving statistics, follow it in
-the caller's graph as a few per-feature ops.
+`normalize_batch` is the kernel the router runs: statistics, corrections, the normalisation with its
+hand-derived gradient (`normalize.py`) and the moving update (`updated_state`), all inside its
+programs on a program route. Only ghost batches' moving statistics all-reduced across replicas are
+updated after it, in the caller's graph, where collectives run.
 """
 
 import tensorflow as tf
 
 from kerasbn.kernels import fused_op
 from kerasbn.kernels.axes import mask_to_broadcast, reduction_axes, to_broadcast
-from kerasbn.kernels.batch_norm import affine_parameters, statistics_are_usable
-from kerasbn.kernels.batch_norm import updated_moving_statistics
+from kerasbn.kernels.batch_norm import affine_parameters, statistics_are_usable, updated_moving_statistics
 from kerasbn.kernels.batch_renorm import renorm_corrections, updated_renorm_statistics
 from kerasbn.kernels.engine import FusedForm, kernel
 from kerasbn.kernels.ghost_batch_norm import combine_ghosts, ghost_parts, moving_statistics_of
@@ -31,9 +30,9 @@ from kerasbn.kernels.synchronized import combine_moments
 
 
 class Part:
-    """A piece of the batch normalised with its own statistics: the whole batch,
-    the remainder of a ghost split (one ghost batch), or the full ghost batches
-    stacked as `[q, v, ...]` (`ghost_axis`, one statistic per ghost batch)."""
+    """A piece of the batch normalised with its own statistics: the whole batch, the remainder of a
+    ghost split (one ghost batch), or the full ghost batches stacked as `[q, v, ...]` (`ghost_axis`,
+    one statistic per ghost batch)."""
 
     def __init__(self, values, mask, feature_axes, ghost_axis, build):
         lead = 1 if ghost_axis else 0
@@ -84,38 +83,69 @@ def _feature_shape(x, feature_axes):
     return static if None not in static else tf.gather(tf.shape(x), list(feature_axes))
 
 
-def _accepts_fused_training(x, gamma, beta, mask=None, reference=None, shift=None, **options):
-    del gamma, beta, shift  # `normalize_batch`'s signature
+def _accepts_fused_training(x, gamma, beta, mask=None, reference=None, shift=None, state=None, **options):
+    del gamma, beta, shift, state  # `normalize_batch`'s signature
     if reference is not None or options.get("virtual_batch_size") or options.get("all_reduce"):
         return False
     feature_axes, epsilon = options["feature_axes"], options["epsilon"]
     return fused_op.accepts_training(x, mask, feature_axes=feature_axes, epsilon=epsilon)
 
 
-def _fused_training(x, gamma, beta, mask=None, reference=None, shift=None, *, epsilon, activation=None, **_):
+def _fused_training(
+    x, gamma, beta, mask=None, reference=None, shift=None, state=None, *, epsilon, activation=None,
+    momentum=None, **_,
+):
     del mask, reference, shift  # none: `_accepts_fused_training`
-    return fused_op.training_step(x, gamma, beta, epsilon=epsilon, activation=activation)
+    y, statistics = fused_op.training_step(x, gamma, beta, epsilon=epsilon, activation=activation)
+    if state is None:
+        return y, statistics
+    return y, updated_state(statistics, state, momentum=momentum, epsilon=epsilon)
+
+
+def updated_state(statistics, state, *, momentum, epsilon, renorm_momentum=None, moving_statistics="batch",
+                  all_reduce=None):
+    """`state` (per-feature moving statistics: `moving_mean`, `moving_variance`, and with
+    `renorm_momentum` renorm's three more) after one batch of `normalize_batch`'s `statistics`:
+    ghost batches' by the `moving_statistics` rule, over the global batch with `all_reduce`. The
+    moving averages never carry a gradient, and keep their value for a feature whose batch had no
+    element or a non-finite statistic."""
+    if "ghost_variance" in statistics:
+        moving = moving_statistics_of(statistics, moving_statistics, state["moving_mean"], all_reduce)
+    else:
+        moving = statistics["mean"], statistics["variance"], statistics["count"]
+    mean, variance, count = moving
+    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+    usable = statistics_are_usable(mean, variance, count)
+    if renorm_momentum is None:
+        return updated_moving_statistics(state, mean, variance, usable, momentum=momentum)
+    return updated_renorm_statistics(
+        state, mean, variance, usable, momentum=momentum, renorm_momentum=renorm_momentum, epsilon=epsilon
+    )
 
 
 @kernel(fused=FusedForm("training", _accepts_fused_training, _fused_training))
 def normalize_batch(
-    x, gamma, beta, mask=None, reference=None, shift=None, *, build, epsilon, feature_axes,
-    virtual_batch_size=None, all_reduce=None, activation=None,
+    x, gamma, beta, mask=None, reference=None, shift=None, state=None, *, build, epsilon, feature_axes,
+    virtual_batch_size=None, all_reduce=None, activation=None, momentum=None, renorm_momentum=None,
+    moving_statistics="batch",
 ):
-    """Normalises `x` with its batch statistics, corrected toward `reference` if given: the
-    router's kernel of `train_step`, whose arguments of the same names it takes (`all_reduce`
-    only without ghost batches; `build`: the route's `Build`, see `build.py`).
+    """Normalises `x` with its batch statistics, corrected toward `reference` if given: the router's
+    kernel of `train_step`, whose arguments of the same names it takes (`all_reduce` only without
+    ghost batches; `build`: the route's `Build`, see `build.py`).
 
     Args (besides `train_step`'s):
       reference: None, or for batch renormalisation a dict of per-feature `renorm_mean`,
         `renorm_stddev` and scalar `r_max`, `d_max`.
       shift: with `all_reduce`, the per-feature moving mean (identical on every replica)
         about which the replicas' moments are combined.
+      state: None, or `train_step`'s: then the moving statistics are updated here
+        (`updated_state`, with `momentum`, `renorm_momentum`, `moving_statistics`), inside the
+        kernel's programs, and returned instead of the batch statistics.
 
     Returns:
       `(y, statistics)`: the output (shape and dtype of `x`), and the whole local batch's
       per-feature `mean`, `variance` and `count` (global with `all_reduce`), plus
-      `ghost_variance` with ghost batches, without gradient.
+      `ghost_variance` with ghost batches, without gradient; or with `state`, `(y, new_state)`.
     """
     rank = x.shape.rank
     if mask is not None:
@@ -152,9 +182,14 @@ def normalize_batch(
         outputs.append(y)
     y = outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
     y.set_shape(x.shape)
-    if virtual_batch_size is None:
-        return y, parts[0].statistics(feature_shape)
-    return y, combine_ghosts(parts, feature_shape)
+    ghost = virtual_batch_size is not None
+    statistics = combine_ghosts(parts, feature_shape) if ghost else parts[0].statistics(feature_shape)
+    if state is None:
+        return y, statistics
+    return y, updated_state(
+        statistics, state, momentum=momentum, epsilon=epsilon, renorm_momentum=renorm_momentum,
+        moving_statistics=moving_statistics,
+    )
 
 
 def train_step(
@@ -193,30 +228,22 @@ def train_step(
     if limits is not None:
         reference = {name: state[name] for name in ("renorm_mean", "renorm_stddev")}
         reference.update(r_max=limits[0], d_max=limits[1])
-    # Ghost batches never span replicas: only their moving statistics are global.
+    # Ghost batches never span replicas: only their moving statistics are global, combined in
+    # the caller's graph (collectives run there); otherwise the kernel updates them itself, so
+    # a program route keeps the update inside its programs.
     ghost = virtual_batch_size is not None
     collective = None if ghost else all_reduce
+    global_moving = ghost and all_reduce is not None
     shift = None if collective is None else state["moving_mean"]
-    y, statistics = normalize_batch(
-        x, gamma, beta, mask, reference, shift, epsilon=epsilon, feature_axes=feature_axes,
-        virtual_batch_size=virtual_batch_size, all_reduce=collective, activation=activation,
-        jit_compile=jit_compile, shape_use=shape_use,
+    renorm_momentum = None if limits is None else renorm_momentum
+    options = dict(
+        momentum=momentum, epsilon=epsilon, renorm_momentum=renorm_momentum,
+        moving_statistics=moving_statistics,
     )
-    if ghost:
-        rule, moving_mean = moving_statistics, state["moving_mean"]
-        mean, variance, count = moving_statistics_of(statistics, rule, moving_mean, all_reduce)
-    else:
-        mean, variance, count = statistics["mean"], statistics["variance"], statistics["count"]
-    # The moving averages never carry a gradient to x, in any mode.
-    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
-    if limits is None:
-        new_state = updated_moving_statistics(
-            state["moving_mean"], state["moving_variance"], mean, variance, count, momentum
-        )
-    else:
-        usable = statistics_are_usable(mean, variance, count)
-        new_state = updated_renorm_statistics(
-            state, mean, variance, usable,
-            momentum=momentum, renorm_momentum=renorm_momentum, epsilon=epsilon,
-        )
+    y, result = normalize_batch(
+        x, gamma, beta, mask, reference, shift, None if global_moving else state, feature_axes=feature_axes,
+        virtual_batch_size=virtual_batch_size, all_reduce=collective, activation=activation,
+        jit_compile=jit_compile, shape_use=shape_use, **options,
+    )
+    new_state = updated_state(result, state, all_reduce=all_reduce, **options) if global_moving else result
     return y, new_state
