@@ -7,6 +7,10 @@ changes the facts that select its route.
 """
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -209,6 +213,34 @@ def test_mirrored_strategy_replica_threads_follow_the_callers_blocks(traced):
         assert kernels.get_xla_policy() == dict(default, jit=False, max_shapes=3)
     assert seen and all(other_thread for other_thread, _ in seen)
     assert all(policy == dict(default, jit=False, max_shapes=3) for _, policy in seen)
+    assert kernels.get_xla_policy() == default
+
+
+def test_two_replicas_each_start_from_the_callers_blocks():
+    """Two logical CPUs in a fresh process: each replica thread sees the caller's blocks, and
+    what one replica sets reaches neither the other nor the caller."""
+    worker = pathlib.Path(__file__).parent / "distributed" / "policy_worker.py"
+    result = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    default = kernels.Policy()
+    replicas = report["replicas"]
+    assert sorted(replicas) == ["0", "1"]
+    for replica_id, policy in replicas.items():
+        assert policy["thread"] != report["caller_thread"]
+        expected = (False, 3, 100 + int(replica_id))
+        assert (policy["jit"], policy["max_shapes"], policy["min_elements"]) == expected
+    assert replicas["0"]["thread"] != replicas["1"]["thread"]
+    assert (report["caller"]["jit"], report["caller"]["max_shapes"]) == (False, 3)
+    assert report["caller"]["min_elements"] == report["after"]["min_elements"] == default.min_elements
+    assert report["after"]["jit"] is True and report["after"]["max_shapes"] == default.max_shapes
+
+
+def test_what_a_replica_sets_outside_any_block_stays_in_its_thread():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    default = kernels.get_xla_policy()
+    seen = _policies_in_replica_threads(strategy, traced=False)  # each replica sets min_elements=5
+    assert [policy for _, policy in seen] == [default]
     assert kernels.get_xla_policy() == default
 
 

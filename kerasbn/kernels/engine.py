@@ -84,14 +84,14 @@ def _function(fn, jit_compile):
 
 
 class _Program:
-    """A `tf.function` traced once per signature, with every dimension unknown.
+    """A plain `tf.function` traced once per signature, with every dimension unknown.
 
     One trace serves every layer of a model and every batch size (XLA still compiles per concrete
     shape), which keeps a model's first step short (docs/decisions/018-trace-kernels-once.md).
     """
 
-    def __init__(self, fn, jit_compile=False):
-        self.function = _function(fn, jit_compile)
+    def __init__(self, fn):
+        self.function = _function(fn, jit_compile=False)
         self._traces = {}
 
     def __call__(self, *args, **kwargs):
@@ -341,10 +341,9 @@ class Kernel:
     def _dispatched(self, facts, shape_use):
         """`(forward, backward)` of route `warmup_dispatch` for this policy and platform."""
         policy = facts.policy
-        key = (policy.block, policy.two_input_block, policy.group_matmul_limit, facts.platform)
+        key = (Build.of(policy, for_xla=True, block_sums=facts.platform != "gpu"), Build.of(policy))
         if key not in self._dispatch:
-            xla_build = Build.of(policy, for_xla=True, block_sums=facts.platform != "gpu")
-            self._dispatch[key] = _dispatch(self.fn, xla_build, Build.of(policy))
+            self._dispatch[key] = _dispatch(self.fn, *key)
         forward, backward, _ = self._dispatch[key]
         counts = dict(warmup_calls=policy.warmup_calls, max_shapes=policy.max_shapes)
         counts.update(min_elements=policy.min_elements)

@@ -82,8 +82,8 @@ def _follow_into_replica_threads():
     copy of this thread's blocks (`tf_internals.on_replica_thread_start`)."""
     blocks = [dict(overrides) for overrides in _overrides()]
 
-    def start():
-        _local.stack = [dict(overrides) for overrides in blocks]
+    def start():  # and a block of its own: what a replica sets stays in its thread
+        _local.stack = [dict(overrides) for overrides in blocks] + [{}]
 
     return start
 
