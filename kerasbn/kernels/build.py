@@ -1,11 +1,10 @@
 """What the math is built for: one immutable object the route passes down.
 
-The same kernel function is built several ways, and the math needs to know
-which: summed in blocks for XLA's CPU backend or with one `tf.reduce_sum`,
-with hand-derived gradients or as plain differentiable ops, and whether the
-batch statistics are saved for a separate backward program. The route that
-runs a call (`routing.py`) makes one `Build` and every math function takes
-it as an argument; nothing is read from thread-local state.
+The same kernel function is built several ways, and the math needs to know which: summed in blocks
+for XLA's CPU backend or with one `tf.reduce_sum`, with hand-derived gradients or as plain
+differentiable ops, and whether the batch statistics are saved for a separate backward program. The
+route that runs a call (`routing.py`) makes one `Build` and every math function takes it as an
+argument; nothing is read from thread-local state.
 """
 
 import dataclasses
@@ -14,8 +13,8 @@ from kerasbn.kernels.policy import DEFAULT
 
 
 class Residuals:
-    """Records (forward program) or replays (backward program) the statistics
-    a kernel marks with `Build.residual`, so the backward does not recompute them."""
+    """Records (forward program) or replays (backward program) the statistics a kernel marks with
+    `Build.residual`, so the backward does not recompute them."""
 
     def __init__(self, saved=None):
         self.saved = saved
@@ -67,9 +66,9 @@ class Build:
 
     @classmethod
     def of(cls, policy, **flags):
-        """A `Build` with `flags`, and the policy's block sizes where the sums are
-        built in blocks: elsewhere they are unread, and as part of a program's
-        cache key would only retrace it when they change."""
+        """A `Build` with `flags`, and the policy's block sizes where the sums are built in blocks:
+        elsewhere they are unread, and as part of a program's cache key would only retrace it when
+        they change."""
         if not flags.get("block_sums"):
             return cls(**flags)
         blocks = (policy.block, policy.two_input_block, policy.group_matmul_limit)

@@ -1,9 +1,8 @@
 """How a kernel call runs: the facts of the call, the routes, and the one function choosing.
 
-`choose_route(facts)` is the only place that decides; it is pure (facts in,
-route and reason out) and reads top to bottom as the route table of
-docs/layout.md. `engine.Kernel` gathers the facts while the caller is traced,
-runs the route it returns, and decides nothing else.
+`choose_route(facts)` is the only place that decides; it is pure (facts in, route and reason out)
+and reads top to bottom as the route table of docs/layout.md. `engine.Kernel` gathers the facts
+while the caller is traced, runs the route it returns, and decides nothing else.
 """
 
 import dataclasses
@@ -31,9 +30,7 @@ FORWARD_MODE = Route(
     "forward_mode", False,
     "the kernel's ops inline as plain differentiable TensorFlow ops (exact to any order)",
 )
-EAGER_PROGRAM = Route(
-    "eager_program", False, "one plain (non-XLA) program call, forward only"
-)
+EAGER_PROGRAM = Route("eager_program", False, "one plain (non-XLA) program call, forward only")
 XLA_CALLER_OPS = Route(
     "xla_caller_ops", False,
     "the kernel's ops inline, compiled by the caller's XLA program with the rest of the step",
@@ -47,15 +44,12 @@ FUSED_OP = Route(
     "TensorFlow's FusedBatchNormV3 op inline (oneDNN or cuDNN kernel), with TensorFlow's gradient",
 )
 XLA_CALLER_PROGRAMS = Route(
-    "xla_caller_programs", True,
-    "forward and backward programs traced into the caller's XLA program",
+    "xla_caller_programs", True, "forward and backward programs traced into the caller's XLA program"
 )
 INLINE_OPS = Route(
     "inline_ops", True, "the kernel's ops inline with the hand-derived gradient, no program call"
 )
-PLAIN_PROGRAMS = Route(
-    "plain_programs", True, "forward and backward plain (non-XLA) programs"
-)
+PLAIN_PROGRAMS = Route("plain_programs", True, "forward and backward plain (non-XLA) programs")
 WARMUP_DISPATCH = Route(
     "warmup_dispatch", True,
     "forward and backward programs chosen per call at run time: plain while the input "
