@@ -116,17 +116,25 @@ def read_runs(directory):
     for side in runs:
         for i in itertools.count(1):
             report, log = (os.path.join(directory, f"{side}-{i}.{ext}") for ext in ("md", "log"))
-            if os.path.exists(report):
-                with open(report) as f:
-                    runs[side].append(measured_values(f.read()))
-            elif os.path.exists(log):
-                with open(log) as f:
-                    runs[side].append(printed_values(f.read()))
-            else:
+            if not os.path.exists(report) and not os.path.exists(log):
                 break
+            printed = ""
+            if os.path.exists(log):
+                with open(log) as f:
+                    printed = f.read()
+            runs[side].append(run_values(report, printed))
     if min(len(values) for values in runs.values()) < 2:
         raise SystemExit(f"--from-runs: {directory} holds fewer than two old and two new runs")
     return runs
+
+
+def run_values(report, printed):
+    """One run's values: its markdown report's (`measured_values`) when it wrote one, else those
+    of the JSON object it printed (`printed_values`)."""
+    if os.path.exists(report):
+        with open(report) as f:
+            return measured_values(f.read())
+    return printed_values(printed)
 
 
 def measured_values(text):
@@ -313,10 +321,7 @@ def run_once(name, directory, command, runs, onednn):
     origins = [line[len(ORIGIN):].split() for line in done.stdout.splitlines() if line.startswith(ORIGIN)]
     if not origins or not all(path.startswith(directory + os.sep) for path in origins[0]):
         raise SystemExit(f"{name} imported kerasbn/benchmarks from {origins}, not from {directory}")
-    values = printed_values(done.stdout)
-    if os.path.exists(report):
-        with open(report) as f:
-            values = measured_values(f.read())
+    values = run_values(report, done.stdout)
     if not values:
         raise SystemExit(f"{name}: no time or memory column in {report}, nor a JSON object printed")
     print(f"{name}: {time.perf_counter() - start:.0f} s, kerasbn from {origins[0][0]}", flush=True)

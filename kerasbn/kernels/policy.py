@@ -80,10 +80,12 @@ def _overrides():
 def _follow_into_replica_threads():
     """What `MirroredStrategy`'s replica threads, which trace the replicas' layers, run first: a
     copy of this thread's blocks (`tf_internals.on_replica_thread_start`)."""
-    blocks = [dict(overrides) for overrides in _overrides()]
+    # Blocks are never changed in place (`set_xla_policy` replaces the innermost), so copying
+    # the list suffices, here and per replica thread.
+    blocks = list(_overrides())
 
     def start():  # and a block of its own: what a replica sets stays in its thread
-        _local.stack = [dict(overrides) for overrides in blocks] + [{}]
+        _local.stack = blocks + [{}]
 
     return start
 
