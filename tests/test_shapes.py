@@ -11,7 +11,7 @@ A row of `test_layer_on_edge_batches` picks one value of each factor:
   input   rank 2 (B, C); rank 3, 4, 5 channels-last (axis -1) and
           channels-first (axis 1). Spatial sizes 5, 3x6 and 2x2x3, so the
           block sums of `kernels/moments.py` see lengths under, between and
-          over their blocks (8 and 16)
+          over their blocks (8)
   mask    none, or a random one (the input's shape without the channel axis)
   kernels XLA or plain (`jit_compile=True/False` on the layer)
   mode    training or inference

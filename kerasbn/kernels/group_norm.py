@@ -1,10 +1,13 @@
 """Group normalisation (Wu & He 2018): `y = f(γ_c (x − μ_ng) / sqrt(σ²_ng + ε) + β_c)`.
 
-The channel axis c is split into (groups, channels per group), and each sample's group normalised
-over its channels and every other non-batch axis, so the output never depends on the batch size:
-`normalize.normalize_with_batch_statistics` on the grouped view [N, ..., G, C/G], γ, β varying
-along the member axis C/G (docs/decisions/020-group-norm-backward-sums.md); f is an optional
-fused activation.
+The C channels form G groups of C/G consecutive channels, and each sample's group is normalised
+over its channels and every other non-batch axis, so the output never depends on the batch size;
+f is an optional fused activation. Every pass over `x` runs on its own layout with per-sample,
+per-channel factors (each channel carrying its group's statistics): the sums are per sample and
+channel over the other axes, pooled over each group's channels on tensors of one value per
+sample and channel (`ChannelGroups.pool`), so the passes vectorise along the channels as batch
+norm's do (docs/decisions/024-group-norm-on-the-input-layout.md). `normalize.py` holds the
+formulas and the gradient, with that pooling.
 """
 
 import tensorflow as tf
@@ -14,39 +17,43 @@ from kerasbn.kernels.moments import moments
 from kerasbn.kernels.normalize import normalize_with_batch_statistics
 
 
-def static_reshape_target(shape):
-    """`shape` (a `TensorShape`) as a list for `tf.reshape`, or None: at most one dimension may be
-    unknown (it becomes -1), and then no known one may be 0 (-1 would be ambiguous)."""
-    dims = shape.as_list()
-    if dims.count(None) > 1 or 0 in dims:
-        return None
-    return [-1 if dim is None else dim for dim in dims]
+class ChannelGroups:
+    """The channels of axis `channel_axis` in `groups` groups of consecutive channels."""
+
+    def __init__(self, groups, channel_axis):
+        self.groups, self.channel_axis = groups, channel_axis
+
+    def check(self, x):
+        """`ValueError` unless `groups` (a Python int) is a positive divisor of `x`'s channels
+        known while tracing; a tensor (one program for every group count) is checked by the
+        layer."""
+        channels = x.shape[self.channel_axis]
+        if isinstance(self.groups, int) and channels is not None:
+            if self.groups <= 0 or channels % self.groups:
+                raise ValueError(
+                    f"Argument `groups` must divide the {channels} channels of the input. "
+                    f"Received: groups={self.groups}"
+                )
+
+    def pool(self, values):
+        """Per-channel `values` (size 1 on the axes summed over) to each channel's group total."""
+        axis = self.channel_axis
+        shape = tf.shape(values)
+        split = tf.stack([self.groups, shape[axis] // self.groups])
+        grouped = tf.reshape(values, tf.concat([shape[:axis], split, shape[axis + 1 :]], axis=0))
+        total = tf.reduce_sum(grouped, axis=axis + 1, keepdims=True)
+        pooled = tf.reshape(tf.broadcast_to(total, tf.shape(grouped)), shape)
+        pooled.set_shape(values.shape)
+        return pooled
 
 
-def grouped_shape(x, groups, channel_axis):
-    """`x`'s shape with its channel axis split into (groups, channels // groups): Python ints when
-    known while tracing (fewer ops; `ValueError` unless `groups` is a positive divisor), else a tensor."""
-    static = static_reshape_target(x.shape)
-    channels = x.shape[channel_axis]
-    if static is not None and channels is not None and isinstance(groups, int):
-        if groups <= 0 or channels % groups:  # a reshape with -1 would absorb the mismatch
-            raise ValueError(
-                f"Argument `groups` must divide the {channels} channels of the input. "
-                f"Received: groups={groups}"
-            )
-        return static[:channel_axis] + [groups, channels // groups] + static[channel_axis + 1 :]
-    shape = tf.shape(x)
-    split = tf.stack([groups, shape[channel_axis] // groups])
-    return tf.concat([shape[:channel_axis], split, shape[channel_axis + 1 :]], axis=0)
-
-
-def group_parameter(param, rank, groups, channel_axis, default, dtype):
-    """A per-channel tensor shaped to broadcast against the grouped input; None becomes a
-    broadcastable scalar `default`."""
-    shape = [1] * (rank + 1)
+def channel_parameter(param, rank, channel_axis, default, dtype):
+    """A per-channel tensor shaped to broadcast against the input; None becomes a broadcastable
+    scalar `default`."""
+    shape = [1] * rank
     if param is None:
         return tf.fill(shape, tf.constant(default, dtype))
-    shape[channel_axis : channel_axis + 2] = [groups, -1]
+    shape[channel_axis] = -1
     return tf.reshape(param, shape)
 
 
@@ -59,17 +66,15 @@ def group_norm(x, gamma, beta, mask=None, *, build, groups, epsilon, channel_axi
     serves every group count). `epsilon`: Python float. `channel_axis`: non-negative int.
     `activation`: None or a name from `activations.ACTIVATIONS`."""
     rank = x.shape.rank
-    original_shape = static_reshape_target(x.shape) or tf.shape(x)
-    grouped = tf.reshape(x, grouped_shape(x, groups, channel_axis))
-    group_axis, member_axis = channel_axis, channel_axis + 1
-    axes = tuple(a for a in range(rank + 1) if a not in (0, group_axis))
+    channel_groups = ChannelGroups(groups, channel_axis)
+    channel_groups.check(x)
+    axes = tuple(axis for axis in range(1, rank) if axis != channel_axis)
     if mask is not None:
-        mask = tf.expand_dims(tf.expand_dims(tf.cast(mask, tf.bool), channel_axis), channel_axis)
-    gamma = group_parameter(gamma, rank, groups, channel_axis, 1.0, x.dtype)
-    beta = group_parameter(beta, rank, groups, channel_axis, 0.0, x.dtype)
-    mean, variance, count = moments(grouped, axes, mask, build)
-    y = normalize_with_batch_statistics(
-        grouped, gamma, beta, mean, variance, count, epsilon=epsilon, axes=axes, build=build,
-        member_axes=(member_axis,), mask=mask, activation=activation,
+        mask = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
+    gamma = channel_parameter(gamma, rank, channel_axis, 1.0, x.dtype)
+    beta = channel_parameter(beta, rank, channel_axis, 0.0, x.dtype)
+    mean, variance, count = moments(x, axes, mask, build, pool=channel_groups.pool, stored=True)
+    return normalize_with_batch_statistics(
+        x, gamma, beta, mean, variance, count, epsilon=epsilon, axes=axes, build=build,
+        pool=channel_groups.pool, mask=mask, activation=activation,
     )
-    return tf.reshape(y, original_shape)

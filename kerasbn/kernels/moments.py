@@ -48,6 +48,16 @@ def _group_indicator(groups, blocks, dtype):
     return tf.cast(tf.equal(rows, owners), dtype)
 
 
+def _ones_product(values, rows):
+    """`[..., rows, C]` -> `[..., C]` by one (batched) product with ones. The ones carry the batch
+    axis: broadcast in the product, they made XLA transpose `values` into the loop producing it
+    (docs/decisions/024-group-norm-on-the-input-layout.md)."""
+    ones = _ones(rows, values.dtype)
+    if values.shape.rank == 3:
+        ones = tf.broadcast_to(ones, tf.stack([tf.shape(values)[0], 2, rows]))
+    return tf.matmul(ones, values)[..., 0, :]
+
+
 def _group_totals(partial, groups, blocks, limit):
     """`[G, blocks, C]` partial sums -> `[G, C]`: one block-diagonal product up to `limit` groups,
     else a batched one; with G unknown, a `tf.cond` (docs/decisions/010-group-sums-block-diagonal.md)."""
@@ -58,18 +68,22 @@ def _group_totals(partial, groups, blocks, limit):
         return tf.matmul(_group_indicator(groups, blocks, partial.dtype), flat)[:groups]
 
     def batched():
-        return tf.matmul(_ones(blocks, partial.dtype), partial)[:, 0, :]
+        return _ones_product(partial, blocks)
 
     if isinstance(groups, int):
         return by_block_diagonal() if groups <= limit else batched()
     return tf.cond(groups <= limit, by_block_diagonal, batched)
 
 
-def column_sums(values, block, group_matmul_limit):
+def column_sums(values, block, group_matmul_limit, stored=False):
     """`[..., P, C]` -> `[..., C]`: blocks of `block` rows, then the partial sums by a product
-    with ones (per group for `[G, P, C]`), and the last P % block rows separately."""
+    with ones (per group for `[G, P, C]`), and the last P % block rows separately. `stored`:
+    `values` is in memory already, not an expression XLA would fuse into the sum: one product
+    with ones reads it (docs/decisions/025-sums-at-read-speed.md)."""
     shape = tf.shape(values)
     lead, rows, columns = shape[:-2], _dim(values, -2), shape[-1]
+    if stored:
+        return _ones_product(values, rows)
     blocks = rows // block
     head = blocks * block
     view = tf.reshape(values[..., :head, :], _concat_shape(lead, blocks, block, columns))
@@ -105,11 +119,12 @@ def _runs(axes):
     return [tuple(run) for run in runs]
 
 
-def sum_over(values, axes, build, block=None):
+def sum_over(values, axes, build, block=None, stored=False):
     """`tf.reduce_sum(values, axes, keepdims=True)`, arranged to be fast under XLA; `block`: the
-    first stage's length (default `build.block`). Layouts (K kept, R reduced): [R, K] column sums;
-    [R, K, R] row sums, then column sums; [K, R, K, R] (per sample or ghost batch) column sums per
-    sample over [R, K·R], then the trailing R. Others use `tf.reduce_sum`."""
+    first stage's length (default `build.block`); `stored`: as `column_sums`'. Layouts (K kept, R
+    reduced): [R, K] column sums; [R, K, R] row sums, then column sums; [K, R, K, R] (per sample
+    or ghost batch) column sums per sample over [R, K·R], then the trailing R. Others use
+    `tf.reduce_sum`."""
     rank = values.shape.rank
     axes = tuple(sorted(a % rank for a in axes))
     kept = [axis for axis in range(rank) if axis not in axes]
@@ -129,7 +144,7 @@ def sum_over(values, axes, build, block=None):
         (_, lead_end), (first, end) = kept_runs
         lead = size(0, lead_end)
         view = tf.reshape(values, tf.stack([lead, size(lead_end, first), size(first, rank)]))
-        per_sample = column_sums(view, block, limit)
+        per_sample = column_sums(view, block, limit, stored)
         if end < rank:
             per_sample = tf.reshape(per_sample, tf.stack([lead, size(first, end), size(end, rank)]))
             per_sample = tf.reduce_sum(per_sample, axis=-1)
@@ -137,7 +152,7 @@ def sum_over(values, axes, build, block=None):
     ((first, end),) = kept_runs
     outer, channels = size(0, first), size(first, end)
     if end == rank:
-        total = column_sums(tf.reshape(values, tf.stack([outer, channels])), block, limit)
+        total = column_sums(tf.reshape(values, tf.stack([outer, channels])), block, limit, stored)
     else:  # channels-first: each channel's contiguous run first, leaving [outer, C]
         per_row = row_sums(tf.reshape(values, tf.stack([outer, channels, size(end, rank)])), block)
         total = column_sums(per_row, block, limit) if first > 0 else tf.reshape(per_row, [-1])
@@ -183,24 +198,32 @@ def at_least_one(count):
     return tf.maximum(count, 1.0) if known is None else tf.constant(max(known, 1.0), count.dtype)
 
 
-def moments(x, axes, mask, build):
+def moments(x, axes, mask, build, pool=None, stored=False):
     """`(mean, variance, count)` of `x` over `axes` (kept as size 1), the variance biased. `mask`:
     None or a boolean tensor broadcastable to `x`; False positions never enter the statistics,
-    even NaN or inf. With `count` zero, mean and variance are zero, not NaN. Except with
+    even NaN or inf. `pool`: None, or a callable adding up per-feature sums over the features
+    that share one statistic (group norm's channels of a group), which the statistics then are,
+    per feature. `stored`: `x` is in memory already, not a slice of another tensor (see
+    `column_sums`). With `count` zero, mean and variance are zero, not NaN. Except with
     `build.differentiable` the statistics carry no gradient (the custom gradient accounts for
     them), which also keeps `sum_over`'s reshapes by computed shapes off the backward (XLA would
     recompile them on every call)."""
     x = x if build.differentiable else tf.stop_gradient(x)
     count = element_count(x, axes, mask)
-    divisor = at_least_one(count)
+    zeros = None if mask is None else tf.zeros_like(x)
     if mask is None:
-        mean = sum_over(x, axes, build) / divisor
-        deviation = tf.square(x - mean)
+        total = sum_over(x, axes, build, stored=stored)
     else:
-        zeros = tf.zeros_like(x)
-        mean = sum_over(tf.where(mask, x, zeros), axes, build) / divisor
-        deviation = tf.where(mask, tf.square(x - mean), zeros)
-    variance = sum_over(deviation, axes, build) / divisor
+        total = sum_over(tf.where(mask, x, zeros), axes, build)
+    if pool is None:
+        pool = lambda values: values  # noqa: E731 (one statistic per feature)
+    else:
+        count = pool(tf.broadcast_to(count, tf.shape(total)))
+    divisor = at_least_one(count)
+    mean = pool(total) / divisor
+    deviation = tf.square(x - mean)
+    deviation = deviation if mask is None else tf.where(mask, deviation, zeros)
+    variance = pool(sum_over(deviation, axes, build)) / divisor
     if build.differentiable:
         return mean, variance, count  # the count never depends on x's values
     # Saved by a kernel's forward program for its backward.

@@ -15,9 +15,10 @@ With a fused activation dy stands for dz = dy · f'(z). A feature without elemen
 standard deviation 0: x̂ = 0, y = β and dx = 0 there, not NaN.
 
 With ghost batches (`ghost_batch_norm.py`) the formulas hold per ghost batch. In group norm
-(`group_norm.py`) γ, β vary along the member axis C/G inside each statistic; with g = γ r dy,
-dx = (g - S1/N - x̂ S2/N) / sqrt(σ² + ε), S1 = Σ g = Σ_member γ r A, S2 = Σ g x̂ = Σ_member γ r B,
-from the per-channel sums A = Σ dy, B = Σ dy x̂. Synchronised statistics: N, S1 and S2 in dx are
+(`group_norm.py`) the channels of a group share one statistic (each carries it) while γ, β vary
+per channel; with g = γ r dy, dx = (g - S1/N - x̂ S2/N) / sqrt(σ² + ε), S1 = Σ g = pool(γ r A),
+S2 = Σ g x̂ = pool(γ r B), from the per-channel sums A = Σ dy, B = Σ dy x̂ and `pool` adding
+them up over the channels of each group. Synchronised statistics: N, S1 and S2 in dx are
 global (`all_reduce` sums (S1, S2) over replicas), dβ and dγ stay local (the distribution
 strategy sums weight gradients itself).
 
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from kerasbn.kernels import tf_internals
 from kerasbn.kernels.activations import activate, activation_gradient
-from kerasbn.kernels.moments import at_least_one, known_count, sum_over, sum_pair
+from kerasbn.kernels.moments import at_least_one, known_count, sum_pair
 from kerasbn.kernels.synchronized import SECOND_ORDER_SYNCHRONIZED
 
 
@@ -61,7 +62,7 @@ def kept_for_backward(z, activation, build):
 
 
 def normalize_backward(
-    dy, x, gamma, beta, mean, inv_std, count, *, axes, build, member_axes=(), mask=None, r=None,
+    dy, x, gamma, beta, mean, inv_std, count, *, axes, build, pool=None, mask=None, r=None,
     d=None, all_reduce=None, activation=None, z=None
 ):
     """Gradients `(dx, dγ, dβ)` of `f(pre_activation(...))` through the batch statistics, `dγ`, `dβ`
@@ -72,14 +73,13 @@ def normalize_backward(
     if activation is not None:  # dz = dy f'(z); a recomputed z fuses into both passes below
         z = pre_activation(x, gamma, beta, mean, inv_std, r, d) if z is None else z
         dy = activation_gradient(dy, z, activation, build)
-    # Per statistic and parameter position, one pass: A = Σ dy, B = Σ dy x̂ = inv_std Σ dy (x - μ).
-    parameter_axes = tuple(axis for axis in axes if axis not in member_axes)
-    sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), parameter_axes, build)
+    # Per feature, one pass: A = Σ dy, B = Σ dy x̂ = inv_std Σ dy (x - μ).
+    sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes, build)
     sum_dy_xhat = sum_dy_centred * inv_std
     factor = gamma if r is None else gamma * r
     s1, s2 = factor * sum_dy, factor * sum_dy_xhat
-    if member_axes:
-        s1, s2 = sum_over(s1, member_axes, build), sum_over(s2, member_axes, build)
+    if pool is not None:
+        s1, s2 = pool(s1), pool(s2)
     if all_reduce is not None:
         s1, s2 = all_reduce([s1, s2])
     # dx = inv_std (g - S1/N - x̂ S2/N) = dy scale - [(x - μ) slope + offset], per statistic.
@@ -102,14 +102,14 @@ def sum_to_shape_of(gradient, parameter):
 
 
 def normalize_with_batch_statistics(
-    x, gamma, beta, mean, variance, count, *, epsilon, axes, build, member_axes=(), mask=None,
+    x, gamma, beta, mean, variance, count, *, epsilon, axes, build, pool=None, mask=None,
     r=None, d=None, all_reduce=None, activation=None
 ):
     """`f(γ (r x̂ + d) + β)`, of `x`'s shape and dtype, with the hand-derived gradient. `gamma`,
     `beta`, `r`, `d` (optional corrections, constants) broadcast against `x`; `mean`, `variance`,
     `count` are `moments(x, axes, mask, build)`'s (with `build.differentiable` all is plain
-    autodiff, exact to any order). `epsilon`: Python float; `axes`: the reduced axes, of which
-    `member_axes` are those along which γ and β vary (group norm's channels in a group). `mask`:
+    autodiff, exact to any order). `epsilon`: Python float; `axes`: the reduced axes.
+    `pool`: None, or `moments`' (statistics shared by several features, each carrying them). `mask`:
     optional boolean tensor broadcastable to `x`. `all_reduce`: optional callable summing a list
     of tensors over replicas, given with global statistics (a gradient of its gradient raises
     `NotImplementedError`). `activation`: None or a name from `activations.ACTIVATIONS`, fused
@@ -132,7 +132,7 @@ def normalize_with_batch_statistics(
                 raise NotImplementedError(SECOND_ORDER_SYNCHRONIZED)
             return normalize_backward(
                 dy, x, gamma, beta, mean, inv_std, count, axes=axes, build=build,
-                member_axes=member_axes, mask=mask, r=r, d=d, all_reduce=all_reduce,
+                pool=pool, mask=mask, r=r, d=d, all_reduce=all_reduce,
                 activation=activation, z=z,
             )
 

@@ -28,8 +28,8 @@ class Policy:
       fused_min_elements: int >= 0, default 96 Ki. With oneDNN, `BatchNorm` training inputs this
         large (float32 NHWC, static shape, no mask) run TensorFlow's fused batch-norm op
         (docs/decisions/003-onednn-fused-training-threshold.md).
-      block: int >= 1, default 16. Elements per first-stage block of the sums built for XLA's CPU
-        backend (docs/decisions/007-block-sums-for-xla-cpu.md).
+      block: int >= 1, default 8. Elements per first-stage block of the sums built for XLA's CPU
+        backend (docs/decisions/007-block-sums-for-xla-cpu.md, 025-sums-at-read-speed.md).
       two_input_block: int >= 1, default 8. The same for sums reading two tensors at once.
       group_matmul_limit: int >= 0, default 16. Per-group sums add their partial sums with one
         block-diagonal product up to this many groups.
@@ -43,7 +43,7 @@ class Policy:
     max_shapes: int = 16
     min_elements: int = 1 << 20
     fused_min_elements: int = 96 * 1024
-    block: int = 16
+    block: int = 8
     two_input_block: int = 8
     group_matmul_limit: int = 16
     jit: bool = True

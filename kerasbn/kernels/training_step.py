@@ -34,14 +34,15 @@ class Part:
     ghost split (one ghost batch), or the full ghost batches stacked as `[q, v, ...]` (`ghost_axis`,
     one statistic per ghost batch)."""
 
-    def __init__(self, values, mask, feature_axes, ghost_axis, build):
+    def __init__(self, values, mask, feature_axes, ghost_axis, build, ghost_split=False):
         lead = 1 if ghost_axis else 0
         self.values, self.mask, self.ghost_axis = values, mask, ghost_axis
         # Known to hold no example while tracing: left out of the output.
         self.empty = values.shape[0] == 0
         reduced = reduction_axes(values.shape.rank, tuple(a + lead for a in feature_axes))
         self.axes = tuple(axis for axis in reduced if axis >= lead)
-        self.mean, self.variance, self.count = moments(values, self.axes, mask, build)
+        # A ghost batch's values are a slice of the input: summed in blocks, never copied out.
+        self.mean, self.variance, self.count = moments(values, self.axes, mask, build, stored=not ghost_split)
 
     def examples(self):
         """Number of examples in this part, as a tensor."""
@@ -165,7 +166,10 @@ def normalize_batch(
     else:
         masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
         pieces = zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
-        parts = [Part(values, part_mask, feature_axes, ghost, build) for values, part_mask, ghost in pieces]
+        parts = [
+            Part(values, part_mask, feature_axes, ghost, build, ghost_split=True)
+            for values, part_mask, ghost in pieces
+        ]
     outputs = []
     # Parts known to be empty are left out (no concatenation when v divides a
     # known batch size); an empty batch keeps its (empty) remainder.
