@@ -37,12 +37,15 @@ class Shape:
         return self.shape[self.axis]
 
 
-# The two shapes of the issue, a channels-first and a rank-2 case.
+# The two shapes of the issue, a channels-first and a rank-2 case, and the group norm inputs of
+# small-batch detection or segmentation models.
 FULL_SHAPES = (
     Shape((64, 56, 56, 64), -1, "NHWC"),
     Shape((32, 32, 32, 64), -1, "NHWC"),
     Shape((32, 64, 32, 32), 1, "NCHW"),
     Shape((4096, 1024), -1, "NC"),
+    Shape((2, 128, 128, 64), -1, "NHWC"),
+    Shape((4, 64, 64, 256), -1, "NHWC"),
 )
 QUICK_SHAPES = (
     Shape((8, 8, 8, 32), -1, "NHWC"),
@@ -52,8 +55,9 @@ QUICK_SHAPES = (
 # Large enough for the allocator to track the step's buffers (tiny tensors
 # come from caches it does not count).
 QUICK_MEMORY_SHAPE = Shape((32, 16, 16, 64), -1, "NHWC")
-# The shape the issue's targets are stated on.
+# The shape the issue's targets are stated on, and those of group norm's in copies of x.
 TARGET_SHAPE = FULL_SHAPES[0]
+GROUP_NORM_TARGET_SHAPES = (FULL_SHAPES[0], FULL_SHAPES[4], FULL_SHAPES[5])
 
 GROUPS = 32
 

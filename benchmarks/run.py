@@ -301,6 +301,33 @@ def target_lines(results, memory, shape):
     return lines
 
 
+# Group norm's targets in copies of x: (kind, layer key, at most).
+GROUP_NORM_COPIES = (("train", "ours_gn", 7.0), ("train", "ours_gn_jit", 5.5), ("infer", "ours_gn", 3.0),
+                     ("infer", "ours_gn_jit", 3.0))
+
+
+def group_norm_target_lines(results):
+    """Group norm's times in copies of x on each of `C.GROUP_NORM_TARGET_SHAPES` measured, with verdicts."""
+    lines = []
+    for shape in C.GROUP_NORM_TARGET_SHAPES:
+        r = results.get(shape)
+        if r is None:
+            continue
+        floor = r[("train", COPY)].median
+        for kind, key, goal in GROUP_NORM_COPIES:
+            case = r.get((kind, key))
+            if case is None:
+                continue
+            copies = case.median / floor
+            step = "training step" if kind == "train" else "inference"
+            verdict = "met" if copies <= goal else "NOT met"
+            lines.append(
+                f"- {C.LAYERS_BY_KEY[key].title} {step}, {shape.label}: {copies:.2f} copies of x "
+                f"(target ≤ {goal}) — **{verdict}**"
+            )
+    return lines
+
+
 def render(results, shapes, specs, memory, memory_shape, settings):
     import keras
     import tf_keras
@@ -331,7 +358,7 @@ def render(results, shapes, specs, memory, memory_shape, settings):
         "## Targets (" + (C.TARGET_SHAPE.label if C.TARGET_SHAPE in shapes else "n/a") + ")",
         "",
     ]
-    lines += target_lines(results, memory, C.TARGET_SHAPE)
+    lines += target_lines(results, memory, C.TARGET_SHAPE) + group_norm_target_lines(results)
     lines += ["", "## Training step (median, × copy-of-x floor)", ""]
     lines += times_table(results, shapes, specs, "train", COPY)
     lines += [""] + ratio_table(results, shapes, specs, "train")
