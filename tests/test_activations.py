@@ -14,11 +14,18 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
-from kerasbn.kernels.activations import ACTIVATIONS, activate, activation_gradient
+from kerasbn.kernels.activations import (
+    ACTIVATIONS, activate, activation_gradient, gradient_from_kept, kept_for_gradient
+)
 from kerasbn.kernels.build import Build
 
-# Built for XLA (the formula f'(z)) and for a graph run op by op (TensorFlow's gradient ops).
-BUILDS = (Build(for_xla=True), Build(for_xla=False))
+
+def gradients_both_ways(dy, z, name):
+    """`dy · f'(z)` as XLA builds compute it (the formula in z) and as a graph run op by op does,
+    from what it keeps for the backward (the output where f' is a function of it, else z)."""
+    kept = kept_for_gradient(z, activate(z, name), name, Build(for_xla=False))
+    return {"formula": activation_gradient(dy, z, name), "kept": gradient_from_kept(dy, kept, name)}
+
 from platform_support import KERAS_HAS_RENORM, RENORM_SKIP_REASON
 
 def exact_gelu(z):
@@ -54,10 +61,8 @@ def test_each_activation_and_its_derivative_match_keras(rng, name):
     expected_gradient = tape.gradient(reference_value, z, output_gradients=dy)
     np.testing.assert_allclose(activate(z, name), keras_value, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(activate(z, name), reference_value, rtol=1e-12, atol=1e-12)
-    for build in BUILDS:
-        np.testing.assert_allclose(
-            activation_gradient(dy, z, name, build), expected_gradient, rtol=1e-10, atol=1e-12
-        )
+    for way, gradient in gradients_both_ways(dy, z, name).items():
+        np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-10, atol=1e-12, err_msg=way)
 
 
 def test_exact_gelu_reference_matches_scipy_where_tensorflow_gelu_rounds():
@@ -77,10 +82,8 @@ def test_derivatives_at_kinks_are_what_tensorflow_gives():
             tape.watch(z)
             y = keras.activations.get(name)(z)
         expected = tape.gradient(y, z)
-        for build in BUILDS:
-            np.testing.assert_allclose(
-                activation_gradient(tf.ones_like(z), z, name, build), expected, err_msg=name
-            )
+        for way, gradient in gradients_both_ways(tf.ones_like(z), z, name).items():
+            np.testing.assert_allclose(gradient, expected, err_msg=f"{name}, {way}")
 
 
 # -- layers with a fused activation against the unfused Keras pair ----------------

@@ -61,6 +61,8 @@ FUSED_CASES = [
     ({}, "silu", (4, 3, 3, 8)),
     ({}, "gelu", (4, 3, 3, 8)),
     ({}, "leaky_relu", (4, 3, 3, 8)),
+    ({}, "elu", (4, 3, 3, 8)),
+    ({}, "sigmoid", (4, 3, 3, 8)),
     ({"center": False}, "relu", (6, 7, 5, 3)),
     ({"scale": False}, None, (6, 7, 5, 3)),
     ({"center": False, "scale": False}, None, (6, 7, 5, 3)),

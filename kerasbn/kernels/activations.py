@@ -1,9 +1,10 @@
 """Activations fused into the normalization kernels: value and derivative.
 
 Each is `keras.activations.<name>` with its default arguments. The backward's `dz = dy · f'(z)`
-recomputes `z` under XLA, and in a graph run op by op keeps it and uses TensorFlow's gradient op
-where there is one (docs/decisions/019-keep-pre-activation-and-gradient-ops.md); at a kink (relu
-at 0, relu6 at 0 and 6, hard sigmoid at ±3) the derivative is the value TensorFlow's gives.
+recomputes `z` under XLA; in a graph run op by op it keeps the output `y` where `f'` is a function
+of it, with TensorFlow's gradient op of that output, else `z`
+(docs/decisions/019-keep-pre-activation-and-gradient-ops.md, 026); at a kink (relu at 0, relu6 at
+0 and 6, hard sigmoid at ±3) the derivative is the value TensorFlow's gives.
 """
 
 import math
@@ -97,22 +98,54 @@ def activate(z, name):
     return z if name is None else _functions(name)[0](z)
 
 
-# TensorFlow's own gradient ops, one pass over memory where `dy * f'(z)` is three op by op.
-_GRADIENT_OPS = {
-    "relu": lambda dy, z: tf.raw_ops.ReluGrad(gradients=dy, features=z),
-    "relu6": lambda dy, z: tf.raw_ops.Relu6Grad(gradients=dy, features=z),
-    "leaky_relu": lambda dy, z: tf.raw_ops.LeakyReluGrad(
-        gradients=dy, features=z, alpha=LEAKY_RELU_SLOPE
-    ),
+# Activations whose derivative is a function of their output, with TensorFlow's gradient op
+# taking that output: a graph run op by op keeps the output, which the next layer keeps anyway,
+# instead of a pre-activation of its own (docs/decisions/026-activation-gradient-from-the-output.md).
+_OUTPUT_GRADIENT_OPS = {
+    "relu": lambda dy, y: tf.raw_ops.ReluGrad(gradients=dy, features=y),
+    "relu6": lambda dy, y: tf.raw_ops.Relu6Grad(gradients=dy, features=y),
+    # The slope is positive: y > 0 exactly where z > 0.
+    "leaky_relu": lambda dy, y: tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=LEAKY_RELU_SLOPE),
+    "elu": lambda dy, y: tf.raw_ops.EluGrad(gradients=dy, outputs=y),
+    "sigmoid": lambda dy, y: tf.raw_ops.SigmoidGrad(y=y, dy=dy),
+    "tanh": lambda dy, y: tf.raw_ops.TanhGrad(y=y, dy=dy),
 }
 
 
-def activation_gradient(dy, z, name, build):
-    """`dy · f'(z)`, the gradient reaching the pre-activation `z` (`dy` when `name` is None);
-    `ValueError` for an unknown name."""
+def activate_taped(z, name):
+    """`f(z)` whose recorded gradient keeps one tensor, `y` where `f'` is a function of it, else
+    `z`: TensorFlow's autodiff of the formulas keeps more (silu's `z` and `σ(z)`, leaky relu's
+    input beside its output)."""
     if name is None:
-        return dy
-    derivative = _functions(name)[1]
-    if name in _GRADIENT_OPS and not build.for_xla:
-        return _GRADIENT_OPS[name](dy, z)
-    return dy * derivative(z)
+        return z
+
+    @tf.custom_gradient
+    def forward(z):
+        y = activate(z, name)
+        kept = y if name in _OUTPUT_GRADIENT_OPS else z
+        return y, lambda dy: gradient_from_kept(dy, kept, name)
+
+    return forward(z)
+
+
+def kept_for_gradient(z, y, name, build):
+    """What the backward of `y = f(z)` keeps: nothing under XLA (`z` is recomputed inside the
+    passes that read `x` anyway), else `y` where `f'` is a function of it, else `z`."""
+    if name is None or build.for_xla:
+        return None
+    return y if name in _OUTPUT_GRADIENT_OPS else z
+
+
+def gradient_from_kept(dy, kept, name):
+    """`dy · f'(z)` from `kept_for_gradient`'s tensor (not None): TensorFlow's gradient op of the
+    output (one pass over memory where compare, cast and multiply are three), else the formula
+    in `z`; `ValueError` for an unknown name."""
+    if name in _OUTPUT_GRADIENT_OPS:
+        return _OUTPUT_GRADIENT_OPS[name](dy, kept)
+    return dy * _functions(name)[1](kept)
+
+
+def activation_gradient(dy, z, name):
+    """`dy · f'(z)` by its formula (fused by XLA into the passes around it), the gradient reaching
+    the pre-activation `z` (`dy` when `name` is None); `ValueError` for an unknown name."""
+    return dy if name is None else dy * _functions(name)[1](z)

@@ -10,7 +10,7 @@ docs/decisions/022-gpu-route-untested.md). Gradients are TensorFlow's own.
 
 import tensorflow as tf
 
-from kerasbn.kernels.activations import activate
+from kerasbn.kernels.activations import activate, activate_taped
 
 # cuDNN's smallest epsilon: a served graph may run on a GPU.
 MIN_EPSILON = 1.001e-5
@@ -46,7 +46,7 @@ def training_step(x, gamma, beta, *, epsilon, activation):
     y, mean, unbiased_variance = _op(x, scale, offset, zeros, ones, epsilon, True)[:3]
     variance = unbiased_variance * ((count - 1) / count)
     count = tf.fill(tf.shape(mean), tf.constant(float(count), x.dtype))
-    return activate(y, activation), {"mean": mean, "variance": variance, "count": count}
+    return activate_taped(y, activation), {"mean": mean, "variance": variance, "count": count}
 
 
 def inference(x, gamma, beta, mean, variance, *, epsilon, activation):

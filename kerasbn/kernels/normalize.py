@@ -29,7 +29,7 @@ fuses each pass over `x` into one loop and `x̂` is never stored; sums use `mome
 import tensorflow as tf
 
 from kerasbn.kernels import tf_internals
-from kerasbn.kernels.activations import activate, activation_gradient
+from kerasbn.kernels.activations import activate, activation_gradient, gradient_from_kept, kept_for_gradient
 from kerasbn.kernels.moments import at_least_one, known_count, sum_pair
 from kerasbn.kernels.synchronized import SECOND_ORDER_SYNCHRONIZED
 
@@ -56,23 +56,20 @@ def pre_activation(x, gamma, beta, mean, inv_std, r=None, d=None):
     return (x - mean) * scale + shift
 
 
-def kept_for_backward(z, activation, build):
-    """The pre-activation `z` the backward reads (graphs not built for XLA), or None: recompute."""
-    return z if activation is not None and not build.for_xla else None
-
-
 def normalize_backward(
     dy, x, gamma, beta, mean, inv_std, count, *, axes, build, pool=None, mask=None, r=None,
-    d=None, all_reduce=None, activation=None, z=None
+    d=None, all_reduce=None, activation=None, kept=None
 ):
     """Gradients `(dx, dγ, dβ)` of `f(pre_activation(...))` through the batch statistics, `dγ`, `dβ`
     of the shapes of `gamma` and `beta`. Arguments as in `normalize_with_batch_statistics`
-    (`inv_std` for variance and epsilon); `z` is `kept_for_backward`'s (None: recompute)."""
+    (`inv_std` for variance and epsilon); `kept` is `activations.kept_for_gradient`'s."""
     divisor = at_least_one(count)
     scale, _ = affine_factors(gamma, beta, inv_std, r, d)
-    if activation is not None:  # dz = dy f'(z); a recomputed z fuses into both passes below
-        z = pre_activation(x, gamma, beta, mean, inv_std, r, d) if z is None else z
-        dy = activation_gradient(dy, z, activation, build)
+    if activation is not None and kept is not None:  # dz = dy f'(z)
+        dy = gradient_from_kept(dy, kept, activation)
+    elif activation is not None:  # a recomputed z fuses into both passes below
+        z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
+        dy = activation_gradient(dy, z, activation)
     # Per feature, one pass: A = Σ dy, B = Σ dy x̂ = inv_std Σ dy (x - μ).
     sum_dy, sum_dy_centred = sum_pair(dy, dy * (x - mean), axes, build)
     sum_dy_xhat = sum_dy_centred * inv_std
@@ -124,7 +121,7 @@ def normalize_with_batch_statistics(
     def forward(x, gamma, beta):
         z = pre_activation(x, gamma, beta, mean, inv_std, r, d)
         y = activate(z, activation)
-        z = kept_for_backward(z, activation, build)
+        kept = kept_for_gradient(z, y, activation, build)
 
         def grad(dy):
             # Without the private API to tell, first-order training must go on.
@@ -133,7 +130,7 @@ def normalize_with_batch_statistics(
             return normalize_backward(
                 dy, x, gamma, beta, mean, inv_std, count, axes=axes, build=build,
                 pool=pool, mask=mask, r=r, d=d, all_reduce=all_reduce,
-                activation=activation, z=z,
+                activation=activation, kept=kept,
             )
 
         return y, grad
