@@ -25,12 +25,19 @@ warming up does not take 50 steps per model (the steady state is the same).
     python -m benchmarks.models                  # writes benchmarks/results_models.md
     python -m benchmarks.models --quick          # MobileNetV2 4@32, plain step: a smoke run
     python -m benchmarks.models --models MobileNetV2,EfficientNetB0 --steps plain,jit
+    python -m benchmarks.models --no-memory      # without the peak-memory subprocesses
+
+Peak memory of a plain training step is measured for each model and variant in a fresh process
+(`benchmarks.peak_memory`: the BFC allocator's statistics where it is in use, the resident set
+otherwise), after the same warm-up, so that one variant's cached buffers cannot hide another's.
 """
 
 import argparse
 import dataclasses
 import datetime
+import json
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -40,7 +47,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kerasbn  # noqa: E402
-from benchmarks import platform_info, report  # noqa: E402
+from benchmarks import peak_memory, platform_info, report  # noqa: E402
 from benchmarks.timing import Case, measure, ratio_interval  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,13 +58,23 @@ WARMUP_CALLS = 2  # our XLA threshold in this process (see the module docstring)
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
+    """A `keras.applications` model, its batch and input size; `activation`: None, or the
+    activation replacing every relu `Activation` layer (an invertible one: InPlace-ABN's case)."""
+
     name: str
     batch: int
     size: int
+    activation: str = None
+
+    @property
+    def key(self):
+        """What `--models` selects it by: the name, with `:activation` when one is set."""
+        return f"{self.name}:{self.activation}" if self.activation else self.name
 
     @property
     def label(self):
-        return f"{self.name}, {self.batch}, {self.size}×{self.size}"
+        activation = f" ({self.activation})" if self.activation else ""
+        return f"{self.name}{activation}, {self.batch}, {self.size}×{self.size}"
 
     def application(self):
         return getattr(keras.applications, self.name)
@@ -68,6 +85,7 @@ MODELS = (
     ModelCase("EfficientNetB0", 32, 96),
     ModelCase("ResNet50", 16, 64),
     ModelCase("DenseNet121", 16, 64),
+    ModelCase("ResNet50", 16, 64, activation="leaky_relu"),
 )
 QUICK_MODELS = (ModelCase("MobileNetV2", 4, 32),)
 
@@ -107,12 +125,26 @@ def without_normalization(model):
     return copy
 
 
+def with_activation(model, activation):
+    """`model` with each relu `Activation` layer computing `activation` instead."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.Activation) and config["activation"] == "relu":
+            config["activation"] = activation
+        return layer.__class__.from_config(config)
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
 def build(case, variant, seed=0):
     """The model of `case` as `variant`, with the same initial weights for every variant."""
     keras.utils.set_random_seed(seed)
     model = case.application()(
         weights=None, input_shape=(case.size, case.size, 3), classes=10
     )
+    if case.activation:
+        model = with_activation(model, case.activation)
     if variant == "kerasbn":
         return kerasbn.convert(model)
     if variant == "kerasbn_fused":
@@ -161,6 +193,84 @@ def time_model(case, *, step_kinds, rounds, warmup, variants=VARIANTS, predict=T
         measure(list(cases.values()), warmup=warmup, rounds=rounds, calls_per_round=1)
         results.update(cases)
     return results
+
+
+def measure_memory_here(case, variant):
+    """`{"peak_bytes", "method"}` of one plain training step of `case` as `variant`, in this
+    process (which should be fresh), after the warm-up the timed steps get."""
+    x, y = data(case)
+    model = build(case, variant)
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", jit_compile=False)
+    with kerasbn.kernels.xla_policy(warmup_calls=WARMUP_CALLS):
+        for _ in range(WARMUP_CALLS + 1):
+            model.train_on_batch(x, y)
+        peak, method = peak_memory.peak_over_resident(lambda: model.train_on_batch(x, y))
+    return {"peak_bytes": peak, "method": method}
+
+
+def measure_memory(case, variants):
+    """`{variant: result}` of `measure_memory_here`, each in a subprocess of its own, one at a
+    time (two would share the machine's memory bandwidth, not its memory: but they would slow
+    each other's warm-up); a failed one gives `{"error": last line of its stderr}`."""
+    env = peak_memory.subprocess_environment(dict(os.environ, KERAS_BACKEND="tensorflow"))
+    results = {}
+    for variant in variants:
+        command = [sys.executable, "-m", "benchmarks.models", "--memory-case", f"{case.name},{variant}"]
+        command += ["--memory-activation", case.activation or ""]
+        command += ["--memory-batch", str(case.batch), "--memory-size", str(case.size)]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            results[variant] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+        else:
+            results[variant] = json.loads(lines[-1])
+    return results
+
+
+def memory_cell(memory, variant):
+    """'1518 MiB (1.00×)': the peak, and ÷ Keras BN's."""
+    value, anchor = memory.get(variant, {}), memory.get("keras", {})
+    if "peak_bytes" not in value:
+        return "error" if "error" in value else "n/a"
+    text = f"{value['peak_bytes'] / 2**20:.0f} MiB"
+    if anchor.get("peak_bytes"):
+        text += f" ({value['peak_bytes'] / anchor['peak_bytes']:.2f}×)"
+    return text
+
+
+# The issue's memory targets: a plain training step's peak, the variant ÷ Keras BN's, at most.
+MEMORY_TARGETS = {
+    "MobileNetV2": {"kerasbn_fused": 1.0},
+    "EfficientNetB0": {"kerasbn_fused": 1.0},
+    "ResNet50:leaky_relu": {"kerasbn_fused": 0.85},
+}
+
+
+def memory_target_lines(memory_by_model):
+    lines = []
+    for case, memory in memory_by_model.items():
+        anchor = memory.get("keras", {}).get("peak_bytes")
+        for variant, goal in MEMORY_TARGETS.get(case.key, {}).items():
+            peak = memory.get(variant, {}).get("peak_bytes")
+            if anchor and peak:
+                verdict = "met" if peak / anchor <= goal else "NOT met"
+                lines.append(
+                    f"- {case.label}, peak memory of a plain step, {TITLES[variant]} ÷ Keras BN: "
+                    f"{peak / anchor:.2f}× (target ≤ {goal}×) — **{verdict}**"
+                )
+    return lines
+
+
+def memory_table(memory_by_model):
+    """Rows: models; cells: a plain training step's peak memory per variant, ÷ Keras BN's."""
+    variants = [v for v in VARIANTS if any(v in memory for memory in memory_by_model.values())]
+    lines = [
+        "| model, batch, input | " + " | ".join(TITLES[v] for v in variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    for case, memory in memory_by_model.items():
+        lines.append(f"| {case.label} | " + " | ".join(memory_cell(memory, v) for v in variants) + " |")
+    return lines
 
 
 def step_table(results_by_model, step_kinds):
@@ -232,7 +342,7 @@ def target_lines(results_by_model, step_kinds):
         for kind in step_kinds:
             keras_case = results.get((kind, "keras"))
             floor = results.get((kind, "floor"))
-            for variant, goal in TARGETS.get(case.name, {}).items():
+            for variant, goal in TARGETS.get(case.key, {}).items():
                 ours = results.get((kind, variant))
                 if keras_case is None or ours is None:
                     continue
@@ -254,7 +364,7 @@ def target_lines(results_by_model, step_kinds):
     return lines
 
 
-def render(results_by_model, step_kinds, settings):
+def render(results_by_model, step_kinds, settings, memory_by_model=None):
     import tensorflow as tf
 
     lines = [
@@ -284,6 +394,18 @@ def render(results_by_model, step_kinds, settings):
     lines += target_lines(results_by_model, step_kinds) or ["(none measured in this run)"]
     lines += ["", "## Training step and inference (median)", ""]
     lines += step_table(results_by_model, step_kinds)
+    if memory_by_model:
+        methods = sorted({v["method"] for m in memory_by_model.values() for v in m.values() if "method" in v})
+        lines += [
+            "",
+            "## Peak memory of a plain training step",
+            "",
+            "One `train_on_batch` after the warm-up, in a fresh process per model and variant, "
+            "median of three steps; ÷ Keras BN's in parentheses. Method: "
+            + ("; ".join(peak_memory.METHODS[m] for m in methods) or "n/a") + ".",
+            "",
+        ]
+        lines += memory_table(memory_by_model) + [""] + memory_target_lines(memory_by_model)
     return "\n".join(lines) + "\n"
 
 
@@ -297,10 +419,10 @@ def selected_models(parser, args, *, default_rounds):
     if not args.models:
         return available, rounds
     wanted = args.models.split(",")
-    unknown = set(wanted) - {case.name for case in available}
+    unknown = set(wanted) - {case.key for case in available}
     if unknown:
-        parser.error(f"--models: unknown {sorted(unknown)}; choose from {[c.name for c in available]}")
-    return tuple(case for case in available if case.name in wanted), rounds
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {[c.key for c in available]}")
+    return tuple(case for case in available if case.key in wanted), rounds
 
 
 def main(argv=None):
@@ -311,7 +433,17 @@ def main(argv=None):
     parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results_models.md)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-activation", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_case:
+        name, variant = args.memory_case.split(",")
+        case = ModelCase(name, args.memory_batch, args.memory_size, args.memory_activation or None)
+        print(json.dumps(measure_memory_here(case, variant)))
+        return 0
     models, rounds = selected_models(parser, args, default_rounds=6)
     step_kinds = ("plain",) if args.quick else STEP_KINDS
     warmup = WARMUP_CALLS + 1
@@ -332,8 +464,13 @@ def main(argv=None):
             results[case] = time_model(
                 case, step_kinds=step_kinds, rounds=rounds, warmup=warmup, variants=variants
             )
+    memory = {}
+    if not args.no_memory:
+        for case in models:
+            print(f"peak memory of {case.label} ...", flush=True)
+            memory[case] = measure_memory(case, variants)
     settings = dict(rounds=rounds, warmup=warmup, argv=" ".join(argv if argv is not None else sys.argv[1:]))
-    text = render(results, step_kinds, settings)
+    text = render(results, step_kinds, settings, memory)
     report.write(text, args.output or DEFAULT_OUTPUT)
     return 0
 

@@ -98,6 +98,10 @@ def test_end_to_end_quick_run_writes_the_model_table_and_targets(tmp_path):
         assert re.fullmatch(r"[\d.]+×", row[7]), row  # one round: no interval
         assert row[6] == row[8] == "n/a", row
     assert "Machine: " in text and "oneDNN" in text
+    header, (row,) = table(text.split("## Peak memory")[1], "model, batch, input")
+    assert header[1:] == [models.TITLES["keras"], models.TITLES["kerasbn_fused"]]
+    assert re.fullmatch(r"\d+ MiB \(1\.00×\)", row[1]), row  # Keras BN ÷ itself
+    assert re.fullmatch(r"\d+ MiB \([\d.]+×\)", row[2]), row
     target = next(line for line in text.splitlines() if "MobileNetV2 plain step" in line)
     assert target.endswith("**not judged: 1 rounds**"), target
 
