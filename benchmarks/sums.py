@@ -5,8 +5,9 @@ Times `moments.sum_over` (one tensor, `(x - m)²`) and `moments.sum_pair` (two t
 float32, for several first-stage block sizes, each jit-compiled alone, side by side with a
 jit-compiled copy of `x` in one process (`benchmarks.timing`). Also the per-sample sum with the
 ones of its second stage broadcast in the product, the form decision 024 replaced, and the sum
-of `x` itself in blocks and as one product with ones (`stored`, decision 025). Prints a markdown
-table: median ms and × copy. docs/decisions/024-group-norm-on-the-input-layout.md, 025.
+of `x` itself in blocks and as one product with ones (`stored`, decision 025), and TensorFlow's
+fused batch norm forward and backward (decision 028). Prints a markdown table: median ms and ×
+copy. docs/decisions/024-group-norm-on-the-input-layout.md, 025, 028.
 """
 
 import argparse
@@ -59,7 +60,40 @@ def cases(x):
     found["sum, per sample and channel, block 16, ones broadcast"] = jit(
         lambda x: broadcast_ones_sum(tf.square(x - mean), 16)
     )
-    return {name: (lambda f=f: f(x)) for name, f in found.items()}
+    calls = {name: (lambda f=f: f(x)) for name, f in found.items()}
+    calls.update(fused_batch_norm_passes(x))
+    return calls
+
+
+def fused_batch_norm_passes(x):
+    """TensorFlow's fused batch norm (oneDNN's kernel when oneDNN is on) in training mode, forward
+    and backward alone, each in a plain `tf.function`: what a pass costs in the best hand-written
+    kernel at hand (docs/decisions/028-what-bounds-renorm-ghost-and-memory.md)."""
+    channels = x.shape[-1]
+    scale, offset, empty = tf.ones([channels]), tf.zeros([channels]), tf.zeros([0])
+
+    @tf.function
+    def forward(x):
+        return tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=1e-3, is_training=True
+        )[:3]
+
+    saved = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=1e-3, is_training=True
+    )
+    dy = x * 0.5
+
+    @tf.function
+    def backward(x):
+        return tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=scale, reserve_space_1=saved[3], reserve_space_2=saved[4],
+            reserve_space_3=saved[5], epsilon=1e-3, is_training=True,
+        )[:3]
+
+    return {
+        "fused batch norm, training forward (reads x 2-3×, writes y)": lambda: forward(x),
+        "fused batch norm, backward (reads dy and x 2×, writes dx)": lambda: backward(x),
+    }
 
 
 def main(argv=None):

@@ -218,8 +218,9 @@ class Kernel:
     and `shape_use` its `warmup.ShapeUse` (None shares one per configuration).
     """
 
-    def __init__(self, fn, per_layer_ints=(), fused=None):
+    def __init__(self, fn, per_layer_ints=(), fused=None, check=None):
         self.fn, self.fused, self._per_layer_ints = fn, fused, tuple(per_layer_ints)
+        self._check = check
         self._programs, self._dispatch, self._shape_use = {}, {}, {}
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
 
@@ -256,6 +257,8 @@ class Kernel:
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, *args, jit_compile=True, shape_use=None, **kwargs):
+        if self._check is not None:  # while the per-layer ints are Python ints, on every route
+            self._check(*args, **kwargs)
         route, reason, facts, (args, kwargs, positions) = self.route(args, kwargs, jit_compile)
         for observer in getattr(_observers, "active", ()):
             observer(self.__name__, route, reason, facts)
@@ -376,13 +379,14 @@ class Kernel:
         return sum(function.experimental_get_tracing_count() for function in functions)
 
 
-def kernel(fn=None, *, per_layer_ints=(), fused=None):
+def kernel(fn=None, *, per_layer_ints=(), fused=None, check=None):
     """Decorator: make `fn` (which takes a keyword `build`) a `Kernel`.
 
     `per_layer_ints`: names of int keyword arguments that differ between the layers of one model
     but not in the ops they make (a group count). `fused`: a `FusedForm`, TensorFlow's op for the
-    calls it accepts.
+    calls it accepts. `check`: None, or a callable taking the call's arguments that raises for a
+    bad one, before the route is chosen (the per-layer ints are still Python ints there).
     """
     if fn is None:
-        return lambda fn: Kernel(fn, per_layer_ints, fused)
-    return Kernel(fn, per_layer_ints, fused)
+        return lambda fn: Kernel(fn, per_layer_ints, fused, check)
+    return Kernel(fn, per_layer_ints, fused, check)

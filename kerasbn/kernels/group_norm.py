@@ -25,8 +25,7 @@ class ChannelGroups:
 
     def check(self, x):
         """`ValueError` unless `groups` (a Python int) is a positive divisor of `x`'s channels
-        known while tracing; a tensor (one program for every group count) is checked by the
-        layer."""
+        known while tracing; a tensor is checked by the layer."""
         channels = x.shape[self.channel_axis]
         if isinstance(self.groups, int) and channels is not None:
             if self.groups <= 0 or channels % self.groups:
@@ -57,7 +56,13 @@ def channel_parameter(param, rank, channel_axis, default, dtype):
     return tf.reshape(param, shape)
 
 
-@kernel(per_layer_ints=("groups",))
+def _check_groups(x, *args, groups, channel_axis, **kwargs):
+    """Run by the engine before routing: inside the programs `groups` is a tensor."""
+    del args, kwargs  # `group_norm`'s other arguments
+    ChannelGroups(groups, channel_axis).check(x)
+
+
+@kernel(per_layer_ints=("groups",), check=_check_groups)
 def group_norm(x, gamma, beta, mask=None, *, build, groups, epsilon, channel_axis, activation=None):
     """Group-normalises `x` (float32 or float64), returning a tensor of its shape and dtype.
     `gamma`, `beta`: per-channel tensors or None (no scale / no offset). `mask`: optional boolean
@@ -67,7 +72,6 @@ def group_norm(x, gamma, beta, mask=None, *, build, groups, epsilon, channel_axi
     `activation`: None or a name from `activations.ACTIVATIONS`."""
     rank = x.shape.rank
     channel_groups = ChannelGroups(groups, channel_axis)
-    channel_groups.check(x)
     axes = tuple(axis for axis in range(1, rank) if axis != channel_axis)
     if mask is not None:
         mask = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)

@@ -32,17 +32,17 @@ from kerasbn.kernels.synchronized import combine_moments
 class Part:
     """A piece of the batch normalised with its own statistics: the whole batch, the remainder of a
     ghost split (one ghost batch), or the full ghost batches stacked as `[q, v, ...]` (`ghost_axis`,
-    one statistic per ghost batch)."""
+    one statistic per ghost batch). `stored`: `values` is in memory as it is, not a slice of the
+    input (`moments.moments`)."""
 
-    def __init__(self, values, mask, feature_axes, ghost_axis, build, ghost_split=False):
+    def __init__(self, values, mask, feature_axes, ghost_axis, build, stored=True):
         lead = 1 if ghost_axis else 0
         self.values, self.mask, self.ghost_axis = values, mask, ghost_axis
         # Known to hold no example while tracing: left out of the output.
         self.empty = values.shape[0] == 0
         reduced = reduction_axes(values.shape.rank, tuple(a + lead for a in feature_axes))
         self.axes = tuple(axis for axis in reduced if axis >= lead)
-        # A ghost batch's values are a slice of the input: summed in blocks, never copied out.
-        self.mean, self.variance, self.count = moments(values, self.axes, mask, build, stored=not ghost_split)
+        self.mean, self.variance, self.count = moments(values, self.axes, mask, build, stored=stored)
 
     def examples(self):
         """Number of examples in this part, as a tensor."""
@@ -165,10 +165,14 @@ def normalize_batch(
             whole.mean, whole.variance, whole.count = combine_moments(*statistics, shift, all_reduce)
     else:
         masks = (None, None) if mask is None else ghost_parts(mask, virtual_batch_size)
-        pieces = zip(ghost_parts(x, virtual_batch_size), masks, (True, False))
+        full, remainder = ghost_parts(x, virtual_batch_size)
+        # A slice of the input is summed in blocks, never copied out for a product; the full ghost
+        # batches are the whole input when nothing remains (known while tracing).
+        stored = (remainder.shape[0] == 0, False)
+        pieces = zip((full, remainder), masks, (True, False), stored)
         parts = [
-            Part(values, part_mask, feature_axes, ghost, build, ghost_split=True)
-            for values, part_mask, ghost in pieces
+            Part(values, part_mask, feature_axes, ghost, build, stored=whole)
+            for values, part_mask, ghost, whole in pieces
         ]
     outputs = []
     # Parts known to be empty are left out (no concatenation when v divides a
