@@ -107,6 +107,24 @@ def _fused_bn(shape):
     return tf_keras.layers.BatchNormalization(axis=shape.axis, fused=fused)
 
 
+class Identity:
+    """A layer returning its input: the training step's own cost (loss, its gradient) without
+    any normalization, the floor of a step as `copy_step` is of a pass."""
+
+    trainable_weights = ()
+
+    def __call__(self, x, training=None):
+        return tf.identity(x)
+
+    def build(self, shape):
+        del shape
+
+
+def _identity(shape):
+    del shape
+    return Identity()
+
+
 def available(name):
     """Whether `kerasbn` exports `name` (layers written concurrently may not)."""
     import kerasbn
@@ -119,6 +137,8 @@ _RENORM = dict(renorm_momentum=0.99, r_max=3.0, d_max=5.0)
 VIRTUAL_BATCH_SIZE = 16
 
 LAYERS = (
+    LayerSpec("identity", "identity layer (step floor)", "floor", False, False, _identity),
+    LayerSpec("identity_jit", "identity layer (step floor), jit", "floor", False, True, _identity),
     LayerSpec("ours_bn", "ours BN", "bn", True, False, _ours("BatchNorm")),
     LayerSpec("ours_bn_jit", "ours BN, jit", "bn", True, True, _ours("BatchNorm")),
     LayerSpec("ours_brn", "ours BRN", "bn", True, False, _ours("BatchRenorm", **_RENORM)),

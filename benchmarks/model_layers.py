@@ -239,7 +239,7 @@ def summary_table(results):
         keras_case = result.whole[("plain", "keras")]
         ours_case = result.whole[("plain", "kerasbn_fused")]
         floor_ratio = result.floor_ratio
-        target = models.TARGETS.get(result.case.name, {}).get("kerasbn_fused")
+        target = models.TARGETS.get(result.case.key, {}).get("kerasbn_fused")
         needed = _needed_text(floor_ratio, target)
         layers = sum(layer_input.count for layer_input in result.inputs)
         lines.append(

@@ -348,7 +348,7 @@ def target_lines(results_by_model, step_kinds):
                     continue
                 bound = f"; floor {keras_case.median / floor.median:.2f}×" if floor else ""
                 lines.append(
-                    f"- {case.name} {kind} step, Keras ÷ {TITLES[variant]}: "
+                    f"- {case.key} {kind} step, Keras ÷ {TITLES[variant]}: "
                     f"{speedup_with_interval(keras_case, ours)} "
                     f"(target ≥ {goal}×{bound}) — **{verdict(keras_case, ours, goal)}**"
                 )
@@ -357,7 +357,7 @@ def target_lines(results_by_model, step_kinds):
             ours = results.get(("predict", variant))
             if predict_keras and ours:
                 lines.append(
-                    f"- {case.name} predict, Keras ÷ {TITLES[variant]}: "
+                    f"- {case.key} predict, Keras ÷ {TITLES[variant]}: "
                     f"{speedup_with_interval(predict_keras, ours)} "
                     f"(target ≥ 1.0×) — **{verdict(predict_keras, ours, 1.0)}**"
                 )

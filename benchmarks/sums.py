@@ -6,8 +6,8 @@ float32, for several first-stage block sizes, each jit-compiled alone, side by s
 jit-compiled copy of `x` in one process (`benchmarks.timing`). Also the per-sample sum with the
 ones of its second stage broadcast in the product, the form decision 024 replaced, and the sum
 of `x` itself in blocks and as one product with ones (`stored`, decision 025), and TensorFlow's
-fused batch norm forward and backward (decision 028). Prints a markdown table: median ms and ×
-copy. docs/decisions/024-group-norm-on-the-input-layout.md, 025, 028.
+fused batch norm forward and backward (decision 027). Prints a markdown table: median ms and ×
+copy. docs/decisions/024-group-norm-on-the-input-layout.md, 025, 027.
 """
 
 import argparse
@@ -68,7 +68,7 @@ def cases(x):
 def fused_batch_norm_passes(x):
     """TensorFlow's fused batch norm (oneDNN's kernel when oneDNN is on) in training mode, forward
     and backward alone, each in a plain `tf.function`: what a pass costs in the best hand-written
-    kernel at hand (docs/decisions/028-what-bounds-renorm-ghost-and-memory.md)."""
+    kernel at hand (docs/decisions/027-what-bounds-issue-25s-open-targets.md)."""
     channels = x.shape[-1]
     scale, offset, empty = tf.ones([channels]), tf.zeros([channels]), tf.zeros([0])
 
