@@ -128,18 +128,26 @@ def activate_taped(z, name):
     return forward(z)
 
 
+# Their gradient ops read only the sign of what they are given, the same in `z` as in `y`.
+_SIGN_GRADIENTS = ("relu", "relu6", "leaky_relu")
+
+
 def kept_for_gradient(z, y, name, build):
     """What the backward of `y = f(z)` keeps: nothing under XLA (`z` is recomputed inside the
-    passes that read `x` anyway), else `y` where `f'` is a function of it, else `z`."""
+    passes that read `x` anyway), else `y` where `f'` is a function of it, else `z`. A backward
+    program (`build.residuals` set) recomputes the forward and keeps nothing between programs:
+    there relu's family reads `z`, which spares it computing `y`."""
     if name is None or build.for_xla:
         return None
+    if name in _SIGN_GRADIENTS and build.residuals is not None:
+        return z
     return y if name in _OUTPUT_GRADIENT_OPS else z
 
 
 def gradient_from_kept(dy, kept, name):
     """`dy · f'(z)` from `kept_for_gradient`'s tensor (not None): TensorFlow's gradient op of the
-    output (one pass over memory where compare, cast and multiply are three), else the formula
-    in `z`; `ValueError` for an unknown name."""
+    output, or of `z` for relu's family (one pass over memory where compare, cast and multiply
+    are three), else the formula in `z`; `ValueError` for an unknown name."""
     if name in _OUTPUT_GRADIENT_OPS:
         return _OUTPUT_GRADIENT_OPS[name](dy, kept)
     return dy * _functions(name)[1](kept)

@@ -39,7 +39,8 @@ class Build:
       for_xla: XLA compiles the ops: a fused activation's backward recomputes
         its input inside the loops that read `x` anyway, and activation
         gradients are formulas. Otherwise (a graph run op by op) the
-        pre-activation is kept and TensorFlow's gradient ops are used.
+        activation's output or its input is kept and TensorFlow's gradient
+        ops are used (`activations.kept_for_gradient`).
       block_sums: sums arranged for XLA's CPU backend (blocks, then a matrix
         product: `moments.sum_over`); False is one `tf.reduce_sum`.
       differentiable: the statistics keep their gradient and no custom

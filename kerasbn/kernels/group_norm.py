@@ -25,7 +25,8 @@ class ChannelGroups:
 
     def check(self, x):
         """`ValueError` unless `groups` (a Python int) is a positive divisor of `x`'s channels
-        known while tracing; a tensor is checked by the layer."""
+        known while tracing. A tensor `groups` is not checked here (the layers pass ints, and the
+        engine runs this check before it turns them into tensors)."""
         channels = x.shape[self.channel_axis]
         if isinstance(self.groups, int) and channels is not None:
             if self.groups <= 0 or channels % self.groups:

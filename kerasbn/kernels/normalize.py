@@ -104,7 +104,7 @@ def normalize_with_batch_statistics(
 ):
     """`f(γ (r x̂ + d) + β)`, of `x`'s shape and dtype, with the hand-derived gradient. `gamma`,
     `beta`, `r`, `d` (optional corrections, constants) broadcast against `x`; `mean`, `variance`,
-    `count` are `moments(x, axes, mask, build)`'s (with `build.differentiable` all is plain
+    `count` are `moments(x, axes, mask, build, pool)`'s (with `build.differentiable` all is plain
     autodiff, exact to any order). `epsilon`: Python float; `axes`: the reduced axes.
     `pool`: None, or `moments`' (statistics shared by several features, each carrying them). `mask`:
     optional boolean tensor broadcastable to `x`. `all_reduce`: optional callable summing a list

@@ -35,7 +35,7 @@ class Part:
     one statistic per ghost batch). `stored`: `values` is in memory as it is, not a slice of the
     input (`moments.moments`)."""
 
-    def __init__(self, values, mask, feature_axes, ghost_axis, build, stored=True):
+    def __init__(self, values, mask, feature_axes, ghost_axis, build, stored=False):
         lead = 1 if ghost_axis else 0
         self.values, self.mask, self.ghost_axis = values, mask, ghost_axis
         # Known to hold no example while tracing: left out of the output.
@@ -158,7 +158,7 @@ def normalize_batch(
         for name in ("renorm_mean", "renorm_stddev"):
             reference[name] = to_broadcast(reference[name], rank, feature_axes)
     if virtual_batch_size is None:
-        parts = [Part(x, mask, feature_axes, False, build)]
+        parts = [Part(x, mask, feature_axes, False, build, stored=True)]
         if all_reduce is not None:
             whole = parts[0]
             statistics = (whole.mean, whole.variance, whole.count)
